@@ -1,0 +1,35 @@
+# mergejob: every target uses the virtual environment at .venv (made by `make install`).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+export MERGEJOB_CACHE ?= $(HOME)/.cache/mergejob
+
+.PHONY: install test test-fast lint format demo clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	# torch is pinned first so the CPU wheel on disk is used, never a CUDA build.
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+
+test:
+	$(BIN)/python -m pytest -q -ra
+
+test-fast:
+	$(BIN)/python -m pytest -q -ra -m "not slow and not kube and not image"
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo:
+	$(BIN)/python -m mergejob.demo
+
+clean:
+	rm -rf demo-output .pytest_cache .ruff_cache

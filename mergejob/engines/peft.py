@@ -1,0 +1,144 @@
+"""The seed's algorithm, kept exact: transformers + accelerate + PEFT ``merge_and_unload``.
+
+The base is loaded with ``AutoModelForCausalLM.from_pretrained`` in the output dtype with a
+big-model ``device_map`` (one device, ``auto`` over every GPU, ``max_memory`` limits, disk
+offload), then every adapter in order is loaded with ``PeftModel.from_pretrained`` and
+merged with ``merge_and_unload``, and the model is saved with ``save_pretrained``.
+This engine is also the fallback for PEFT methods the stream engine cannot express.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergejob.checkpoint import read_header
+from mergejob.errors import SpecError
+from mergejob.job import EngineReport, PreparedJob
+from mergejob.spec import EngineSpec, parse_max_memory
+
+log = logging.getLogger(__name__)
+
+
+def device_map_for(engine: EngineSpec) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for the spec's device / memory options."""
+    kwargs: dict[str, Any] = {}
+    uses_auto = engine.device == "auto" or engine.max_memory or engine.offload_folder
+    if uses_auto:
+        kwargs["device_map"] = "auto"
+        if engine.max_memory:
+            max_memory = parse_max_memory(engine.max_memory)
+            if engine.device == "cpu":
+                # cpu + max_memory: accelerate may only use the CPU and the offload folder.
+                max_memory = {k: v for k, v in max_memory.items() if not isinstance(k, int)}
+            kwargs["max_memory"] = max_memory
+        elif engine.device == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        if engine.offload_folder:
+            kwargs["offload_folder"] = engine.offload_folder
+            kwargs["offload_state_dict"] = True
+    elif engine.device == "cuda":
+        kwargs["device_map"] = {"": "cuda:0"}
+    else:
+        kwargs["device_map"] = {"": engine.device}
+    return kwargs
+
+
+def adapter_vocab_rows(adapter_dir: Path, embedding_suffixes: tuple[str, ...]) -> int | None:
+    """Rows of the embeddings an adapter saves in full (resized vocabulary), if any."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    header, _ = read_header(path)
+    rows = [
+        int(info["shape"][0])  # type: ignore[index]
+        for name, info in header.items()
+        if name.endswith(embedding_suffixes) and "lora_" not in name
+    ]
+    return max(rows) if rows else None
+
+
+def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
+    """Run the seed's merge and ``save_pretrained`` into ``out_dir``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = job.spec
+    for adapter in spec.adapters:
+        if adapter.weight != 1.0:
+            raise SpecError(
+                f"adapters[{adapter.display()}].weight: the peft engine merges every adapter at "
+                "weight 1.0; use the stream engine (--engine stream) for weighted merges"
+            )
+    dtype = getattr(torch, job.output_dtype)
+    load_kwargs = device_map_for(spec.engine)
+    log.info("loading base %s as %s (%s)", job.base.display, job.output_dtype, load_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(job.base.local_dir),
+        dtype=dtype,
+        trust_remote_code=spec.base.trust_remote_code,
+        **load_kwargs,
+    )
+    embed_name = _module_name(model, model.get_input_embeddings())
+    suffixes = (f"{embed_name}.weight", f"{embed_name}.modules_to_save.weight")
+    if any(touches_embeddings(model, a.local_dir) for a in job.adapters):
+        untie_embeddings(model)
+    for resolved in job.adapters:
+        rows = adapter_vocab_rows(resolved.local_dir, suffixes)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if rows is not None and rows != vocab:
+            log.info("resizing the vocabulary %d -> %d for %s", vocab, rows, resolved.display)
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        log.info("merging adapter %s", resolved.display)
+        peft_model = PeftModel.from_pretrained(model, str(resolved.local_dir))
+        model = peft_model.merge_and_unload()
+    log.info("saving to %s", out_dir)
+    model.save_pretrained(str(out_dir), max_shard_size=spec.output.max_shard_size)
+    return EngineReport(engine="peft")
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return "embed_tokens"
+
+
+def touches_embeddings(model: Any, adapter_dir: Path) -> bool:
+    """Whether an adapter changes the input or output embeddings (LoRA or full copy)."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        return False
+    header, _ = read_header(path)
+    names = {_module_name(model, model.get_input_embeddings())}
+    out = model.get_output_embeddings()
+    if out is not None:
+        names.add(_module_name(model, out))
+    for key in header:
+        module = key.removeprefix("base_model.model.")
+        if any(module == n or module.startswith(f"{n}.") for n in names):
+            return True
+    return False
+
+
+def untie_embeddings(model: Any) -> None:
+    """Give the output embeddings their own copy before a merge changes one of the two.
+
+    PEFT merges a LoRA on ``lm_head`` of a tied model into the one shared matrix, which
+    also changes the input embeddings: the model then differs from the one that was trained
+    (input embeddings unchanged, output embeddings with the delta). mergejob unties first,
+    writes both matrices and sets ``tie_word_embeddings`` to false.
+    """
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if not getattr(text_config, "tie_word_embeddings", False) or out is None:
+        return
+    log.info("an adapter changes tied embeddings: untying them (both matrices are written)")
+    text_config.tie_word_embeddings = False
+    config.tie_word_embeddings = False
+    out.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)

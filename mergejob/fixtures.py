@@ -1,0 +1,211 @@
+"""Tiny models and adapters made locally, for the demo, the tests and the benchmarks.
+
+Nothing is downloaded: a base is a randomly initialised transformers model of a real
+architecture (Llama, Qwen2, GPT-2) saved as sharded safetensors, with a small tokenizer
+built by the ``tokenizers`` library; an adapter is made with ``peft.get_peft_model`` and its
+``lora_B`` set to small non-zero values (PEFT initialises it to zero, which would make every
+merge an identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WORDS = ["the", "a", "an", "model", "merge", "adapter", "weight", "base", "layer", "token", "hub", "job", "pod", "cluster", "shard", "tensor", "rank", "alpha", "scale", "vocab", "config", "rope", "theta", "context", "long", "short", "fast", "slow", "bit", "exact", "hello", "world", "data", "train", "tune", "fine", "lora", "dora", "embed", "head", "attention", "mlp", "gate", "up", "down"]
+
+
+def make_tokenizer(dest: Path, vocab_size: int) -> Any:
+    """A word-level fast tokenizer with exactly ``vocab_size`` entries, saved to ``dest``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = list(WORDS) + [f"w{i}" for i in range(max(0, vocab_size))]
+    vocab_list = (specials + words)[:vocab_size]
+    vocab = {token: i for i, token in enumerate(vocab_list)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(dest))
+    return fast
+
+
+def build_config(
+    family: str = "llama",
+    *,
+    vocab_size: int = 96,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+) -> Any:
+    """A transformers config of ``family`` (llama, qwen2 or gpt2) with tiny shapes."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        )
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_base(
+    dest: Path,
+    *,
+    family: str = "llama",
+    dtype: torch.dtype = torch.bfloat16,
+    tie_word_embeddings: bool = False,
+    max_shard_size: str = "100KB",
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    **shape: Any,
+) -> Path:
+    """Save a randomly initialised tiny model of ``family`` in ``dtype`` to ``dest``."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    torch.manual_seed(seed)
+    config = build_config(family, tie_word_embeddings=tie_word_embeddings, **shape)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            # Weights of a trained model's size: non-trivial, some large enough to need bf16 range.
+            param.copy_(torch.randn_like(param) * 0.05)
+    model = model.to(dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=True, temperature=0.6, top_p=0.9
+    )
+    dest = Path(dest)
+    model.save_pretrained(str(dest), max_shard_size=max_shard_size)
+    if with_tokenizer:
+        make_tokenizer(dest, config.vocab_size)
+    return dest
+
+
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def make_adapter(
+    base_dir: Path,
+    dest: Path,
+    *,
+    target_modules: Sequence[str] | str | None = None,
+    r: int = 4,
+    lora_alpha: int = 8,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    layers_to_transform: list[int] | None = None,
+    modules_to_save: list[str] | None = None,
+    resize_vocab_to: int | None = None,
+    with_tokenizer: bool = False,
+    seed: int = 1,
+    b_scale: float = 0.02,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Make a LoRA adapter for the model in ``base_dir`` and save it to ``dest``.
+
+    ``resize_vocab_to`` grows the vocabulary (new rows random) and saves the embeddings as
+    modules_to_save, with a tokenizer of that size, as fine-tunes that add tokens do.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    generator = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=adapter_dtype)
+    family = model.config.model_type
+    if resize_vocab_to is not None:
+        model.resize_token_embeddings(resize_vocab_to, mean_resizing=False)
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb.copy_(torch.randn(emb.shape, generator=generator) * 0.05)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight is not emb:
+                out.weight.copy_(torch.randn(out.weight.shape, generator=generator) * 0.05)
+    if target_modules is None:
+        target_modules = DEFAULT_TARGETS.get(family, ["q_proj", "v_proj"])
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        layers_to_transform=layers_to_transform,
+        modules_to_save=modules_to_save,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=family == "gpt2",
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * b_scale)
+            elif "lora_A" in name or "lora_embedding_A" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.05 * torch.randn(param.shape, generator=generator))
+            elif "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+    dest = Path(dest)
+    peft_model.save_pretrained(str(dest))
+    if with_tokenizer:
+        vocab = resize_vocab_to or model.config.vocab_size
+        make_tokenizer(dest, vocab)
+    return dest

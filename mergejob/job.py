@@ -1,0 +1,34 @@
+"""A job ready to run: the spec with every source resolved to local files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergejob.sources import ResolvedSource
+from mergejob.spec import MergeSpec
+
+
+@dataclass
+class PreparedJob:
+    """The spec plus local folders for the base and each adapter, in order."""
+
+    spec: MergeSpec
+    base: ResolvedSource
+    adapters: list[ResolvedSource]
+    output_dtype: str  # torch dtype name: bfloat16, float16 or float32
+    config_from: ResolvedSource | None = None
+
+    @property
+    def adapter_dirs(self) -> list[Path]:
+        return [a.local_dir for a in self.adapters]
+
+
+@dataclass
+class EngineReport:
+    """What an engine did, for logs and the recipe."""
+
+    engine: str
+    tensors_changed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The Kubernetes launcher: build, submit and watch the job's objects."""

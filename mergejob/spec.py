@@ -1,0 +1,406 @@
+"""MergeSpec: the one description of a merge job.
+
+A spec is built from CLI flags, a YAML/JSON file (a mounted ConfigMap in a pod) and
+``MERGEJOB_*`` environment variables, validated once, with errors that name the field.
+Precedence: flags > environment > file.
+
+Example::
+
+    from mergejob.spec import MergeSpec
+    spec = MergeSpec.model_validate({
+        "base": "meta-llama/Meta-Llama-3-70B-Instruct",
+        "adapters": ["org/adapter-a@v1", {"path": "./adapter-b", "weight": 0.5}],
+        "output": {"dir": "./merged", "dtype": "bfloat16"},
+    })
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergejob.errors import SpecError
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+ENGINES: tuple[str, ...] = ("stream", "peft")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+
+
+def parse_size(value: str | int) -> int:
+    """Parse ``5GB`` / ``500MiB`` / ``1000`` into bytes, as transformers' max_shard_size does."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write it like 5GB, 500MB or 2GiB")
+    number, unit = match.groups()
+    size = int(float(number) * _SIZE_UNITS[(unit or "B").upper()])
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+def parse_max_memory(value: str | Mapping[str, Any]) -> dict[int | str, str]:
+    """``0=70GiB,1=70GiB,cpu=200GiB`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
+    items: list[tuple[str, str]]
+    if isinstance(value, Mapping):
+        items = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        items = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(
+                    f"{part!r} in max_memory must be DEVICE=SIZE, e.g. 0=70GiB,cpu=200GiB"
+                )
+            key, size = part.split("=", 1)
+            items.append((key.strip(), size.strip()))
+    result: dict[int | str, str] = {}
+    for key, size in items:
+        parse_size(size)
+        if key.isdigit():
+            result[int(key)] = size
+        elif key in {"cpu", "disk", "mps"}:
+            result[key] = size
+        else:
+            raise ValueError(f"{key!r} in max_memory is not a GPU index, 'cpu' or 'disk'")
+    return result
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(_Strict):
+    """A local folder or a Hub repo id, with an optional revision (branch, tag or commit)."""
+
+    path: str = Field(description="Local folder, or Hub repo id (optionally id@revision).")
+    revision: str | None = Field(default=None, description="Branch, tag or commit on the Hub.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return split_source(data)
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("path"), str)
+            and not data.get("revision")
+        ):
+            split = split_source(data["path"])
+            if split.get("revision"):
+                return {**data, **split}
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a local folder or a Hub repo id")
+        return value
+
+    def display(self) -> str:
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+
+def split_source(text: str) -> dict[str, Any]:
+    """``org/name@rev`` -> path and revision; an existing local path is never split."""
+    if "@" in text and not os.path.exists(text):
+        path, revision = text.rsplit("@", 1)
+        if path and revision and "/" not in revision:
+            return {"path": path, "revision": revision}
+    return {"path": text}
+
+
+class BaseModelSpec(SourceSpec):
+    trust_remote_code: bool = Field(
+        default=False, description="Allow custom model code from the base repo (peft engine)."
+    )
+
+
+class AdapterSpec(SourceSpec):
+    weight: float = Field(
+        default=1.0,
+        description="Multiplier of this adapter's delta (stream engine). Must be finite and non-zero.",
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value) or value == 0:
+            raise ValueError("must be a finite, non-zero number")
+        return value
+
+
+class OutputSpec(_Strict):
+    dir: str | None = Field(
+        default=None,
+        description="Output folder. With publish and no dir, a temporary folder is used.",
+    )
+    dtype: DType = Field(
+        default="auto",
+        description="auto keeps the base's stored dtype; float16 reproduces the seed.",
+    )
+    max_shard_size: str = Field(default="5GB", description="Largest output shard, e.g. 5GB.")
+    overwrite: bool = Field(default=False, description="Replace a non-empty output folder.")
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> str:
+        parse_size(value)
+        return str(value)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+class EngineSpec(_Strict):
+    name: Literal["stream", "peft"] = Field(
+        default="stream",
+        description="stream: shard by shard in bounded memory (default); peft: the seed's "
+        "transformers + PEFT merge_and_unload with accelerate's device_map.",
+    )
+    device: str = Field(default="cpu", description="cpu, auto (all GPUs), cuda or cuda:N.")
+    workers: int = Field(default=1, ge=1, description="Stream engine worker processes on CPU.")
+    max_memory: dict[str, str] | None = Field(
+        default=None, description="accelerate max_memory, e.g. {0: 70GiB, cpu: 200GiB} (peft)."
+    )
+    offload_folder: str | None = Field(
+        default=None, description="accelerate disk-offload folder (peft engine)."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE_RE.match(value):
+            raise ValueError(f"{value!r} is not a device; use cpu, auto, cuda or cuda:N")
+        return value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return {str(k): v for k, v in parse_max_memory(value).items()}
+
+
+class ConfigSpec(_Strict):
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config.json keys to set on the output, e.g. rope_theta, max_position_embeddings.",
+    )
+    config_from: SourceSpec | None = Field(
+        default=None,
+        description="Take config.json from this model (same architecture and shapes required).",
+    )
+
+
+class PublishSpec(_Strict):
+    repo_id: str = Field(description="Hub repo to publish to, e.g. org/merged-model.")
+    private: bool = Field(default=False, description="Create the repo private.")
+    revision: str | None = Field(
+        default=None, description="Branch to commit to (created if missing)."
+    )
+    create_pr: bool = Field(default=False, description="Open a pull request instead of committing.")
+    commit_message: str | None = None
+    delete_uploaded: bool = Field(
+        default=False, description="Delete each local shard once it is on the Hub."
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not re.match(r"^[\w.-]+(/[\w.-]+)?$", value):
+            raise ValueError(f"{value!r} is not a Hub repo id (namespace/name)")
+        return value
+
+
+class MergeSpec(_Strict):
+    """What to merge, how, and where the result goes."""
+
+    base: BaseModelSpec
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    config: ConfigSpec = Field(default_factory=ConfigSpec)
+    publish: PublishSpec | None = None
+
+    @model_validator(mode="after")
+    def _output_target(self) -> MergeSpec:
+        if self.output.dir is None and self.publish is None:
+            raise ValueError("output.dir is required unless publish.repo_id is set")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a spec from layered sources
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem, naming the field and suggesting the nearest valid key."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            parent = item["loc"][:-1]
+            key = str(item["loc"][-1])
+            valid = _valid_keys(parent)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"unknown key {key!r}{hint} (valid keys: {', '.join(sorted(valid))})"
+        elif item["type"] == "missing":
+            msg = "is required"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{origin}: {loc}: {msg}" if loc else f"{origin}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = MergeSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            inner = getattr(candidate, "__args__", ())
+            for c in (candidate, *inner):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON spec file into a plain dict (not yet validated)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{file}: spec file not found") from None
+    except OSError as exc:
+        raise SpecError(f"{file}: cannot read the spec file ({exc.strerror})") from None
+    try:
+        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{file}: not valid YAML/JSON: {_one_line(exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: the spec must be a mapping with keys base, adapters, output, ...")
+    return data
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``output.dtype``-style keys in a nested dict, creating sections as needed."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = {}
+            node[part] = child
+        if not isinstance(child, dict):
+            raise SpecError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_spec(
+    file_data: Mapping[str, Any] | None = None,
+    *layers: Mapping[str, Any],
+    origin: str = "spec",
+) -> MergeSpec:
+    """Validate a spec made of a file's dict plus override layers (dotted keys), in order."""
+    data: dict[str, Any] = json.loads(json.dumps(dict(file_data or {})))
+    for layer in layers:
+        for key, value in layer.items():
+            set_path(data, key, value)
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, origin)) from None
+
+
+# Environment overrides for ``mergejob run``: MERGEJOB_<NAME> -> spec field.
+ENV_FIELDS: dict[str, str] = {
+    "MERGEJOB_BASE": "base.path",
+    "MERGEJOB_BASE_REVISION": "base.revision",
+    "MERGEJOB_TRUST_REMOTE_CODE": "base.trust_remote_code",
+    "MERGEJOB_ADAPTERS": "adapters",
+    "MERGEJOB_OUTPUT_DIR": "output.dir",
+    "MERGEJOB_DTYPE": "output.dtype",
+    "MERGEJOB_MAX_SHARD_SIZE": "output.max_shard_size",
+    "MERGEJOB_OVERWRITE": "output.overwrite",
+    "MERGEJOB_ENGINE": "engine.name",
+    "MERGEJOB_DEVICE": "engine.device",
+    "MERGEJOB_WORKERS": "engine.workers",
+    "MERGEJOB_MAX_MEMORY": "engine.max_memory",
+    "MERGEJOB_OFFLOAD_FOLDER": "engine.offload_folder",
+    "MERGEJOB_PUBLISH_REPO_ID": "publish.repo_id",
+    "MERGEJOB_PUBLISH_PRIVATE": "publish.private",
+    "MERGEJOB_PUBLISH_REVISION": "publish.revision",
+    "MERGEJOB_PUBLISH_CREATE_PR": "publish.create_pr",
+    "MERGEJOB_PUBLISH_COMMIT_MESSAGE": "publish.commit_message",
+    "MERGEJOB_PUBLISH_DELETE_UPLOADED": "publish.delete_uploaded",
+}
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``MERGEJOB_*`` variables set in ``environ`` as dotted spec overrides."""
+    environ = os.environ if environ is None else environ
+    result: dict[str, Any] = {}
+    for name, dotted in ENV_FIELDS.items():
+        raw = environ.get(name)
+        if raw is None or raw == "":
+            continue
+        if dotted == "adapters":
+            result[dotted] = [a for a in re.split(r"[,\s]+", raw) if a]
+        else:
+            result[dotted] = raw
+    return result

@@ -1,0 +1,1 @@
+"""Real-Kubernetes test infrastructure (local API server, fake kubelet)."""
