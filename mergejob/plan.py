@@ -1,18 +1,717 @@
-"""Check a job against the base's safetensors headers and the adapters' configs.
+"""The plan of a merge: safetensors headers + adapter configs -> :class:`Plan`.
 
-No weights are read. This first version checks that every LoRA factor fits the base tensor
-it targets; the stream engine's plan extends it.
+No weights are read. ``build_plan`` decides, for every tensor of the output, where its bytes
+come from and what happens to them: copied unchanged (byte for byte), or read into fp32,
+changed by each adapter in the order given (LoRA delta, DoRA, a replacing tensor), and rounded
+once to the output dtype. It also decides the output's shard files, the tied/resized
+embeddings and the config keys the merge changes, and it stops any job whose adapters do not
+fit the base, listing every adapter tensor that maps to no base tensor or does not fit it.
+
+The plan is a pure function of its inputs: every process of a job (local workers, the pods
+of an Indexed Job, the finalising step) builds the same plan and the same ``plan_id``.
+
+Example::
+
+    from mergejob.plan import build_plan
+    plan = build_plan("./base", [("./adapter-a", 1.0), ("./adapter-b", 0.5)],
+                      output_dtype=None, max_shard_size=5 * 10**9)
+    print(len(plan.shards), plan.changed_tensors, plan.config_updates)
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.checkpoint import CheckpointIndex, read_header
-from mergejob.errors import IncompatibleAdapterError
+from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, read_adapter
+from mergejob.checkpoint import FLOAT_DTYPES, CheckpointIndex, read_header
+from mergejob.engines.safetensors_io import DTYPE_SIZES, TensorRef, read_tensor_refs
+from mergejob.errors import IncompatibleAdapterError, ModelError
+from mergejob.shards import pack_shards, shard_file_names
+
+log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
+_INPUT_EMBEDDING_RE = re.compile(
+    r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$"
+)
+_OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+OpKind = Literal["replace", "lora", "dora"]
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """One adapter's change to one tensor, applied in fp32.
+
+    ``replace``: the tensor becomes ``source`` (modules_to_save, or a base copy PEFT loads);
+    ``lora``: ``W += coef * (B @ A)`` (``.T`` when ``transposed``: Conv1D, embeddings);
+    ``dora``: PEFT's DoRA merge of that delta and ``magnitude`` into the current ``W``.
+    ``coef`` is the adapter's weight times its scale (alpha/r, or alpha/sqrt(r)).
+    """
+
+    adapter: int
+    kind: OpKind
+    source: TensorRef | None = None
+    a: TensorRef | None = None
+    b: TensorRef | None = None
+    magnitude: TensorRef | None = None
+    coef: float = 0.0
+    transposed: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0] if self.a is not None else 0
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output: where it starts from and what changes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the output dtype (torch name)
+    source: TensorRef | None  # base bytes to start from; None when the first op replaces it
+    ops: tuple[TensorOp, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.ops)
+
+    @property
+    def byte_copy(self) -> bool:
+        """Copied byte for byte: no op and the stored dtype is the output dtype."""
+        return not self.ops and self.source is not None and self.source.dtype == self.dtype
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """One output file and the tensors it holds, in data order."""
+
+    name: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class EmbeddingLayout:
+    """The input and output embeddings of the base and whether they are tied."""
+
+    input: str | None  # checkpoint name of the input embedding weight
+    output: str | None  # the output embedding weight's name (as transformers saves it)
+    tied: bool
+    prefix: str | None  # base_model_prefix, e.g. "model" or "transformer"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the merge will write, decided from headers and configs only.
+
+    ``shards`` is the output layout (a function of the plan alone, never of the worker
+    count); ``config_updates`` are the config.json keys the merge decides
+    (``tie_word_embeddings``, ``vocab_size``, ``dtype``); ``ignored`` lists adapter tensors
+    PEFT does not use, with the reason; ``plan_id`` fingerprints all of it together with the
+    identity of every input file, so finished-shard records of another plan are never trusted.
+    """
+
+    base_dir: str
+    adapters: tuple[AdapterFactors, ...]
+    output_dtype: str | None  # None: every tensor keeps its stored dtype
+    max_shard_size: int
+    shards: tuple[OutputShard, ...]
+    embeddings: EmbeddingLayout
+    config_updates: Mapping[str, Any]
+    tokenizer_from: str | None
+    ignored: tuple[tuple[int, IgnoredTensor], ...] = ()
+    warnings: tuple[str, ...] = ()
+    plan_id: str = ""
+    input_identities: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> list[OutputTensor]:
+        return [t for shard in self.shards for t in shard.tensors]
+
+    @property
+    def changed_tensors(self) -> int:
+        return sum(1 for t in self.tensors if t.changed)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(shard.nbytes for shard in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of base tensors read (each at most once per output tensor)."""
+        return sum(t.source.nbytes for t in self.tensors if t.source is not None)
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max((shard.nbytes for shard in self.shards), default=0)
+
+    @property
+    def largest_changed_tensor_bytes(self) -> int:
+        return max((t.nbytes for t in self.tensors if t.changed), default=0)
+
+    @property
+    def untied(self) -> bool:
+        return self.config_updates.get("tie_word_embeddings") is False
+
+    @property
+    def lora_flops(self) -> int:
+        """Multiply-adds of every LoRA product, times two (a time estimate's numerator)."""
+        total = 0
+        for tensor in self.tensors:
+            for op in tensor.ops:
+                if op.a is not None and op.b is not None:
+                    total += 2 * op.rank * op.a.shape[1] * op.b.shape[0]
+        return total
+
+    def shard_sizes(self) -> list[int]:
+        return [shard.nbytes for shard in self.shards]
+
+    def shard_named(self, name: str) -> OutputShard:
+        for shard in self.shards:
+            if shard.name == name:
+                return shard
+        raise KeyError(name)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready digest for logs, ``mergejob plan`` and the recipe."""
+        return {
+            "plan_id": self.plan_id,
+            "base": self.base_dir,
+            "adapters": [
+                {
+                    "path": a.path,
+                    "weight": a.weight,
+                    "lora_modules": len(a.loras),
+                    "full_tensors": len(a.full),
+                    "dora": a.use_dora,
+                    "rslora": a.use_rslora,
+                }
+                for a in self.adapters
+            ],
+            "output_dtype": self.output_dtype or "as stored",
+            "shards": len(self.shards),
+            "output_bytes": self.output_bytes,
+            "largest_shard_bytes": self.largest_shard_bytes,
+            "tensors": len(self.tensors),
+            "tensors_changed": self.changed_tensors,
+            "config_updates": dict(self.config_updates),
+            "tokenizer_from": self.tokenizer_from,
+            "ignored": [
+                {"adapter": i, "tensor": t.key, "reason": t.reason} for i, t in self.ignored
+            ],
+            "warnings": list(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Building the plan
+
+
+def build_plan(
+    base_dir: Path | str,
+    adapters: Sequence[tuple[Path | str, float]],
+    *,
+    output_dtype: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    trust_remote_code: bool = False,
+) -> Plan:
+    """Plan the merge of ``adapters`` (folder, weight), in order, into the base at ``base_dir``.
+
+    ``output_dtype`` None keeps every tensor's stored dtype; a dtype name converts every
+    floating-point tensor to it. Raises :class:`IncompatibleAdapterError` listing every
+    adapter tensor that maps to no base tensor or does not fit it, and
+    :class:`UnsupportedAdapterError` for adapters the stream engine cannot express.
+    """
+    base_dir = Path(base_dir)
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{config_path}: missing; is this a model folder?")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
+    index = CheckpointIndex.from_folder(base_dir)
+    base: dict[str, TensorRef] = {}
+    for shard in index.shards:
+        base.update(read_tensor_refs(base_dir / shard))
+    if output_dtype is not None and output_dtype not in FLOAT_DTYPES:
+        raise ModelError(f"output dtype {output_dtype}: not a floating-point dtype")
+    layout = embedding_layout(base_dir, config, base, trust_remote_code=trust_remote_code)
+    factors = [read_adapter(path, weight=weight) for path, weight in adapters]
+    builder = _PlanBuilder(base, layout)
+    for i, adapter in enumerate(factors):
+        builder.add_adapter(i, adapter)
+    builder.raise_problems()
+    return builder.finish(
+        base_dir=base_dir,
+        config=config,
+        adapters=tuple(factors),
+        output_dtype=output_dtype,
+        max_shard_size=max_shard_size,
+    )
+
+
+class _PlanBuilder:
+    """Collects each adapter's ops per base tensor, checking shapes as it goes."""
+
+    def __init__(self, base: dict[str, TensorRef], layout: EmbeddingLayout) -> None:
+        self.base = base
+        self.layout = layout
+        self.ops: dict[str, list[TensorOp]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {n: r.shape for n, r in base.items()}
+        if layout.output is not None and layout.input is not None and layout.tied:
+            self.shapes[layout.output] = base[layout.input].shape
+        self.unmapped: list[str] = []
+        self.misfit: list[str] = []
+        self.ignored: list[tuple[int, IgnoredTensor]] = []
+        self.warnings: list[str] = []
+
+    def resolve(self, name: str) -> str | None:
+        """The base tensor an adapter's ``module.param`` lands on (None: no such tensor)."""
+        layout = self.layout
+        if layout.tied and name == layout.output:
+            return name
+        if name in self.base:
+            return name
+        prefix = layout.prefix
+        if prefix:
+            if name.startswith(f"{prefix}.") and name[len(prefix) + 1 :] in self.base:
+                return name[len(prefix) + 1 :]
+            if f"{prefix}.{name}" in self.base:
+                return f"{prefix}.{name}"
+        if layout.tied and layout.output and name == layout.output.removeprefix(f"{prefix}."):
+            return layout.output
+        return None
+
+    def is_embedding(self, target: str) -> bool:
+        return target in (self.layout.input, self.layout.output)
+
+    def add_adapter(self, index: int, adapter: AdapterFactors) -> None:
+        self.ignored.extend((index, t) for t in adapter.ignored)
+        for full in adapter.full:
+            target = self.resolve(full.target)
+            if target is None:
+                self.unmapped.append(f"{adapter.name}: {full.ref.key}")
+                continue
+            current = self.shapes[target]
+            shape = full.ref.shape
+            resized = (
+                self.is_embedding(target)
+                and full.param == "weight"
+                and len(shape) == len(current) == 2
+                and shape[1:] == current[1:]
+            )
+            if shape != current and not resized:
+                self.misfit.append(
+                    f"{adapter.name}: {full.ref.key} {list(shape)} does not fit {target} "
+                    f"{list(current)}"
+                )
+                continue
+            # A replacing tensor makes every earlier change of this tensor irrelevant.
+            self.ops[target] = [TensorOp(adapter=index, kind="replace", source=full.ref)]
+            self.shapes[target] = shape
+        square_default = self._square_fan_in_fan_out(adapter)
+        for lora in adapter.loras:
+            target = self.resolve(f"{lora.module}.weight")
+            if target is None:
+                self.unmapped.extend(f"{adapter.name}: {key}" for key in lora.keys)
+                continue
+            transposed = self._orientation(adapter, lora, target, square_default)
+            if transposed is None:
+                continue
+            kind: OpKind = "dora" if lora.magnitude is not None else "lora"
+            self.ops.setdefault(target, []).append(
+                TensorOp(
+                    adapter=index,
+                    kind=kind,
+                    a=lora.a,
+                    b=lora.b,
+                    magnitude=lora.magnitude,
+                    coef=adapter.weight * lora.scale,
+                    transposed=transposed,
+                )
+            )
+
+    def _square_fan_in_fan_out(self, adapter: AdapterFactors) -> bool:
+        """fan_in_fan_out for square weights, where shapes cannot tell.
+
+        PEFT decides per module type (Conv1D: True, Linear: False) whatever the config says;
+        when the adapter's non-square modules all contradict its config, follow them.
+        """
+        flag = bool(adapter.config.get("fan_in_fan_out", False))
+        evidence: set[bool] = set()
+        for lora in adapter.loras:
+            target = self.resolve(f"{lora.module}.weight")
+            if lora.embedding or target is None or len(self.shapes[target]) != 2:
+                continue
+            out_f, in_f = lora.b.shape[0], lora.a.shape[1]
+            if out_f == in_f:
+                continue
+            if self.shapes[target] == (out_f, in_f):
+                evidence.add(False)
+            elif self.shapes[target] == (in_f, out_f):
+                evidence.add(True)
+        if evidence == {not flag}:
+            self.warnings.append(
+                f"{adapter.name}: fan_in_fan_out is {flag} in its config but the base's "
+                f"weights are laid out for {not flag}; following the weights, as PEFT does"
+            )
+            return not flag
+        return flag
+
+    def _orientation(
+        self, adapter: AdapterFactors, lora: LoraFactors, target: str, square_default: bool
+    ) -> bool | None:
+        """Whether the delta is (B @ A).T for this weight; None (and a problem) if it fits no way."""
+        shape = self.shapes[target]
+        out_f, in_f = lora.b.shape[0], lora.a.shape[1]
+        if lora.magnitude is not None and lora.magnitude.shape != (out_f,):
+            self.misfit.append(
+                f"{adapter.name}: {lora.magnitude.key} {list(lora.magnitude.shape)} does not "
+                f"fit B {list(lora.b.shape)}"
+            )
+            return None
+        straight, transposed = shape == (out_f, in_f), shape == (in_f, out_f)
+        if lora.embedding:
+            straight = False
+        if not straight and not transposed:
+            self.misfit.append(
+                f"{adapter.name}: {lora.a.key} {list(lora.a.shape)} and {lora.b.key} "
+                f"{list(lora.b.shape)} do not fit {target} {list(shape)}"
+            )
+            return None
+        if straight and transposed:
+            return square_default
+        return transposed
+
+    def raise_problems(self) -> None:
+        problems = [f"maps to no base tensor: {k}" for k in self.unmapped] + self.misfit
+        if problems:
+            raise IncompatibleAdapterError(
+                _listing(
+                    "adapters do not fit the base (trained on another model? otherwise "
+                    "--engine peft shows what PEFT makes of them)",
+                    problems,
+                )
+            )
+
+    def finish(
+        self,
+        *,
+        base_dir: Path,
+        config: Mapping[str, Any],
+        adapters: tuple[AdapterFactors, ...],
+        output_dtype: str | None,
+        max_shard_size: int,
+    ) -> Plan:
+        layout = self.layout
+        updates: dict[str, Any] = {}
+        untie = (
+            layout.tied
+            and layout.input is not None
+            and layout.output is not None
+            and (layout.input in self.ops or layout.output in self.ops)
+        )
+        if untie:
+            updates["tie_word_embeddings"] = False
+        order = list(self.base)
+        if untie and layout.output not in self.base:
+            assert layout.input is not None and layout.output is not None
+            order.insert(order.index(layout.input) + 1, layout.output)
+        embedding_rows = self._check_vocab(adapters, untie)
+        base_rows = self.base[layout.input].shape[0] if layout.input in self.base else None
+        if embedding_rows is not None and embedding_rows != base_rows:
+            updates["vocab_size"] = embedding_rows
+        if output_dtype is not None and output_dtype != _config_dtype(config):
+            updates["dtype"] = output_dtype
+
+        tensors: list[OutputTensor] = []
+        for name in order:
+            source = self.base.get(name)
+            if untie and name == layout.output:
+                assert layout.input is not None
+                source = self.base[layout.input]  # tied: the head is the input embedding
+            assert source is not None
+            ops = tuple(self.ops.get(name, ()))
+            dtype = source.dtype
+            if output_dtype is not None and dtype in FLOAT_DTYPES:
+                dtype = output_dtype
+            if ops and dtype not in FLOAT_DTYPES:
+                raise IncompatibleAdapterError(
+                    f"{name}: stored as {dtype}, which a merge cannot change (quantized base?)"
+                )
+            start = None if ops and ops[0].kind == "replace" else source
+            tensors.append(
+                OutputTensor(name=name, shape=self.shapes[name], dtype=dtype, source=start, ops=ops)
+            )
+        groups = pack_shards([t.nbytes for t in tensors], max_shard_size)
+        names = shard_file_names(len(groups))
+        shards = tuple(
+            OutputShard(name=n, tensors=tuple(tensors[i] for i in group))
+            for n, group in zip(names, groups, strict=True)
+        )
+        tokenizer_from = _tokenizer_source(base_dir, adapters)
+        warnings = list(self.warnings)
+        if "vocab_size" in updates and tokenizer_from == str(base_dir):
+            warnings.append(
+                f"the vocabulary grows to {updates['vocab_size']} but no adapter ships a "
+                "tokenizer; the output takes the base's, which lacks the new tokens"
+            )
+        identities = _input_identities(tensors)
+        plan = Plan(
+            base_dir=str(base_dir),
+            adapters=adapters,
+            output_dtype=output_dtype,
+            max_shard_size=max_shard_size,
+            shards=shards,
+            embeddings=layout,
+            config_updates=updates,
+            tokenizer_from=tokenizer_from,
+            ignored=tuple(self.ignored),
+            warnings=tuple(warnings),
+            input_identities=identities,
+        )
+        return _with_plan_id(plan)
+
+    def _check_vocab(self, adapters: Sequence[AdapterFactors], untie: bool) -> int | None:
+        """Rows of the input embeddings after the merge; both embeddings must agree."""
+        layout = self.layout
+        if layout.input is None:
+            return None
+        rows_in = self.shapes[layout.input][0]
+        has_output = layout.output is not None and (layout.output in self.base or untie)
+        if has_output and layout.output is not None:
+            rows_out = self.shapes[layout.output][0]
+            if rows_in != rows_out:
+                grown = [
+                    a.name
+                    for i, a in enumerate(adapters)
+                    if any(op.adapter == i for op in self.ops.get(layout.input, ()))
+                    or any(op.adapter == i for op in self.ops.get(layout.output, ()))
+                ]
+                raise IncompatibleAdapterError(
+                    f"after the merge {layout.input} has {rows_in} rows but {layout.output} "
+                    f"has {rows_out}: adapter(s) {', '.join(grown)} resize one embedding "
+                    "without saving the other, so the other's new rows would be undefined; "
+                    "save both embeddings (modules_to_save) when resizing the vocabulary"
+                )
+        return rows_in
+
+
+def _config_dtype(config: Mapping[str, Any]) -> str | None:
+    value = config.get("dtype", config.get("torch_dtype"))
+    return str(value) if value is not None else None
+
+
+def _tokenizer_source(base_dir: Path, adapters: Sequence[AdapterFactors]) -> str | None:
+    from mergejob.output import choose_tokenizer_source
+
+    chosen = choose_tokenizer_source(base_dir, [Path(a.path) for a in adapters])
+    return str(chosen) if chosen is not None else None
+
+
+def embedding_layout(
+    base_dir: Path,
+    config: Mapping[str, Any],
+    base: Mapping[str, TensorRef],
+    *,
+    trust_remote_code: bool = False,
+) -> EmbeddingLayout:
+    """Find the input/output embeddings and whether they are tied.
+
+    Uses the architecture class's tied-weights map and ``base_model_prefix`` when
+    transformers knows the architecture (no model is built), else common names; whether the
+    embeddings are tied comes from the config as transformers reads it (class defaults
+    included).
+    """
+    input_name: str | None = None
+    output_name: str | None = None
+    prefix: str | None = None
+    architectures = config.get("architectures") or []
+    try:
+        import transformers
+
+        cls = getattr(transformers, str(architectures[0])) if architectures else None
+        tied_keys = getattr(cls, "_tied_weights_keys", None)
+        prefix = getattr(cls, "base_model_prefix", None) or None
+        if isinstance(tied_keys, Mapping) and tied_keys:
+            output_name, input_name = next(iter(tied_keys.items()))
+    except Exception:  # unknown or remote-code architectures: fall back to common names
+        pass
+    if input_name is not None and input_name not in base and prefix:
+        stripped = input_name.removeprefix(f"{prefix}.")
+        input_name = stripped if stripped in base else input_name
+    if input_name is None or input_name not in base:
+        input_name = next((n for n in base if _INPUT_EMBEDDING_RE.search(n)), None)
+    if output_name is None:
+        output_name = next((n for n in _OUTPUT_EMBEDDING_NAMES if n in base), "lm_head.weight")
+    tied = _tie_word_embeddings(base_dir, config, trust_remote_code=trust_remote_code)
+    if input_name is None:
+        tied = False
+    return EmbeddingLayout(input=input_name, output=output_name, tied=tied, prefix=prefix)
+
+
+def _tie_word_embeddings(
+    base_dir: Path, config: Mapping[str, Any], *, trust_remote_code: bool
+) -> bool:
+    text = config.get("text_config") if isinstance(config.get("text_config"), Mapping) else None
+    for part in (text, config):
+        if part is not None and "tie_word_embeddings" in part:
+            return bool(part["tie_word_embeddings"])
+    try:
+        from transformers import AutoConfig
+
+        loaded = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+        text_config = loaded.get_text_config() if hasattr(loaded, "get_text_config") else loaded
+        return bool(getattr(text_config, "tie_word_embeddings", True))
+    except Exception:  # unreadable with transformers: its own default
+        return True
+
+
+def file_identity(path: str) -> str:
+    """What identifies an input file across machines: its Hub blob (content hash) or size+mtime."""
+    resolved = Path(path).resolve()
+    if resolved.parent.name == "blobs":
+        return f"blob:{resolved.name}"
+    stat = resolved.stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _input_identities(tensors: Sequence[OutputTensor]) -> dict[str, str]:
+    paths: set[str] = set()
+    for tensor in tensors:
+        if tensor.source is not None:
+            paths.add(tensor.source.path)
+        for op in tensor.ops:
+            for ref in (op.source, op.a, op.b, op.magnitude):
+                if ref is not None:
+                    paths.add(ref.path)
+    return {path: file_identity(path) for path in sorted(paths)}
+
+
+def _ref_id(ref: TensorRef | None, identities: Mapping[str, str]) -> Any:
+    if ref is None:
+        return None
+    return [identities[ref.path], ref.key, ref.dtype, list(ref.shape)]
+
+
+def _with_plan_id(plan: Plan) -> Plan:
+    """The plan with its fingerprint: layout, ops and input identities, no local paths."""
+    ids = plan.input_identities
+    content = {
+        "output_dtype": plan.output_dtype,
+        "config_updates": dict(plan.config_updates),
+        "shards": [
+            {
+                "name": shard.name,
+                "tensors": [
+                    [
+                        t.name,
+                        list(t.shape),
+                        t.dtype,
+                        _ref_id(t.source, ids),
+                        [
+                            [
+                                op.adapter,
+                                op.kind,
+                                repr(op.coef),
+                                op.transposed,
+                                _ref_id(op.source, ids),
+                                _ref_id(op.a, ids),
+                                _ref_id(op.b, ids),
+                                _ref_id(op.magnitude, ids),
+                            ]
+                            for op in t.ops
+                        ],
+                    ]
+                    for t in shard.tensors
+                ],
+            }
+            for shard in plan.shards
+        ],
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return Plan(**{**plan.__dict__, "plan_id": digest[:32]})
+
+
+def _listing(title: str, items: Sequence[str], limit: int = 30) -> str:
+    shown = "\n  ".join(items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title}:\n  {shown}{more}"
+
+
+# ---------------------------------------------------------------------------------------
+# The plan of a prepared job
+
+
+def plan_for_job(job: Any) -> Plan:
+    """The stream engine's plan for a :class:`~mergejob.job.PreparedJob` (cached per inputs)."""
+    spec = job.spec
+    adapters = tuple(
+        (str(resolved.local_dir), float(a.weight))
+        for resolved, a in zip(job.adapters, spec.adapters, strict=True)
+    )
+    output_dtype = None if spec.output.dtype == "auto" else spec.output.dtype
+    stamp = tuple(_folder_stamp(Path(p)) for p in (job.base.local_dir, *[a for a, _ in adapters]))
+    return _cached_plan(
+        str(job.base.local_dir),
+        adapters,
+        output_dtype,
+        spec.output.max_shard_bytes,
+        bool(spec.base.trust_remote_code),
+        stamp,
+    )
+
+
+def _folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plan(
+    base_dir: str,
+    adapters: tuple[tuple[str, float], ...],
+    output_dtype: str | None,
+    max_shard_size: int,
+    trust_remote_code: bool,
+    stamp: tuple[Any, ...],
+) -> Plan:
+    del stamp  # part of the cache key only: a changed input file makes a new plan
+    return build_plan(
+        base_dir,
+        adapters,
+        output_dtype=output_dtype,
+        max_shard_size=max_shard_size,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The peft engine's check (PEFT decides the rest itself)
 
 
 def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
@@ -28,6 +727,11 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
         module = key.split(".lora_", 1)[0]
         module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
         target = base.tensors.get(f"{module}.weight")
+        if target is None and module.split(".")[-1] in {"lm_head", "embed_out"}:
+            # A tied model stores only the input embeddings; the head shares them.
+            target = next(
+                (t for n, t in base.tensors.items() if n.endswith("embed_tokens.weight")), None
+            )
         if target is None:
             problems.append(f"{key}: the base has no tensor {module}.weight")
             continue

@@ -64,7 +64,10 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
     from mergejob.cli import main
 
     def run(*argv: str) -> tuple[int, str, str]:
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse errors and --help
+            code = int(exc.code or 0)
         out, err = capsys.readouterr()
         return code, out, err
 

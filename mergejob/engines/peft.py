@@ -10,14 +10,17 @@ This engine is also the fallback for PEFT methods the stream engine cannot expre
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergejob.adapter_config import read_adapter_config
 from mergejob.checkpoint import read_header
 from mergejob.errors import SpecError
 from mergejob.job import EngineReport, PreparedJob
+from mergejob.sources import ResolvedSource
 from mergejob.spec import EngineSpec, parse_max_memory
 
 log = logging.getLogger(__name__)
@@ -62,10 +65,15 @@ def adapter_vocab_rows(adapter_dir: Path, embedding_suffixes: tuple[str, ...]) -
 
 
 def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
-    """Run the seed's merge and ``save_pretrained`` into ``out_dir``."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    """Run the seed's merge and ``save_pretrained`` into ``out_dir``.
 
+    With disk offload and several adapters, each adapter is merged in its own pass and the
+    intermediate model saved in the output dtype under the offload folder: PEFT 0.21 cannot
+    load a second adapter onto a disk-offloaded model it has merged (its offload index is
+    renamed in place), and the intermediate save holds exactly the weights an in-memory
+    sequential merge holds between adapters (both are rounded to the output dtype), so the
+    result is bit-identical.
+    """
     spec = job.spec
     for adapter in spec.adapters:
         if adapter.weight != 1.0:
@@ -73,31 +81,113 @@ def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
                 f"adapters[{adapter.display()}].weight: the peft engine merges every adapter at "
                 "weight 1.0; use the stream engine (--engine stream) for weighted merges"
             )
-    dtype = getattr(torch, job.output_dtype)
     load_kwargs = device_map_for(spec.engine)
-    log.info("loading base %s as %s (%s)", job.base.display, job.output_dtype, load_kwargs)
+    offload = spec.engine.offload_folder
+    if offload or load_kwargs.get("device_map") == "auto":
+        for resolved in job.adapters:
+            if read_adapter_config(resolved.local_dir).get("use_dora"):
+                raise SpecError(
+                    f"adapter {resolved.display}: PEFT 0.21 cannot merge a DoRA adapter into "
+                    "an offloaded model (accelerate has no offload entry for its magnitude "
+                    "vector); use the stream engine, which needs about one shard of memory"
+                )
+    try:
+        _merge_all(job, out_dir, load_kwargs)
+    finally:
+        if offload:
+            for staged in Path(offload).glob("mergejob-*"):
+                shutil.rmtree(staged, ignore_errors=True)
+    return EngineReport(engine="peft")
+
+
+def _merge_all(job: PreparedJob, out_dir: Path, load_kwargs: dict[str, Any]) -> None:
+    spec = job.spec
+    offload = spec.engine.offload_folder
+    if offload and len(job.adapters) > 1:
+        source = job.base.local_dir
+        for i, adapter in enumerate(job.adapters):
+            last = i == len(job.adapters) - 1
+            target = out_dir if last else Path(offload) / f"mergejob-step-{i + 1}"
+            model = _load_and_merge(job, source, [adapter], load_kwargs)
+            _save(model, target, spec.output.max_shard_size)
+            del model
+            if i > 0:
+                shutil.rmtree(source, ignore_errors=True)
+            source = target
+    else:
+        model = _load_and_merge(job, job.base.local_dir, job.adapters, load_kwargs)
+        _save(model, out_dir, spec.output.max_shard_size)
+
+
+def _save(model: Any, out_dir: Path, max_shard_size: str) -> None:
+    log.info("saving to %s", out_dir)
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+
+
+def _load_and_merge(
+    job: PreparedJob, source: Path, adapters: list[ResolvedSource], load_kwargs: dict[str, Any]
+) -> Any:
+    """Load ``source`` with the big-model device_map and merge ``adapters`` in order."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if job.spec.engine.offload_folder:
+        source = stage_for_offload(source, Path(job.spec.engine.offload_folder))
+    log.info("loading %s as %s (%s)", source, job.output_dtype, load_kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        str(job.base.local_dir),
-        dtype=dtype,
-        trust_remote_code=spec.base.trust_remote_code,
+        str(source),
+        dtype=getattr(torch, job.output_dtype),
+        trust_remote_code=job.spec.base.trust_remote_code,
         **load_kwargs,
     )
     embed_name = _module_name(model, model.get_input_embeddings())
     suffixes = (f"{embed_name}.weight", f"{embed_name}.modules_to_save.weight")
-    if any(touches_embeddings(model, a.local_dir) for a in job.adapters):
+    if any(touches_embeddings(model, a.local_dir) for a in adapters):
         untie_embeddings(model)
-    for resolved in job.adapters:
+    for resolved in adapters:
         rows = adapter_vocab_rows(resolved.local_dir, suffixes)
         vocab = model.get_input_embeddings().weight.shape[0]
         if rows is not None and rows != vocab:
             log.info("resizing the vocabulary %d -> %d for %s", vocab, rows, resolved.display)
             model.resize_token_embeddings(rows, mean_resizing=False)
         log.info("merging adapter %s", resolved.display)
-        peft_model = PeftModel.from_pretrained(model, str(resolved.local_dir))
+        peft_model = PeftModel.from_pretrained(
+            model, str(resolved.local_dir), **_peft_offload_kwargs(load_kwargs)
+        )
         model = peft_model.merge_and_unload()
-    log.info("saving to %s", out_dir)
-    model.save_pretrained(str(out_dir), max_shard_size=spec.output.max_shard_size)
-    return EngineReport(engine="peft")
+    return model
+
+
+def stage_for_offload(source: Path, offload_folder: Path) -> Path:
+    """A folder of links to ``source``'s files, for PEFT's disk-offload path to read.
+
+    When PEFT 0.21 loads an adapter onto a disk-offloaded model it rewrites the base's
+    safetensors files with renamed keys: into ``NAME-peft`` if a path component holds ``--``
+    (the Hub cache layout), otherwise *over the original files*, which corrupts a local base.
+    Loading through ``<offload>/mergejob--NAME`` sends those rewrites into the offload folder.
+    """
+    offload_folder = Path(offload_folder).absolute()
+    if any("--" in part for part in offload_folder.parts):
+        raise SpecError(
+            f"--offload-folder {offload_folder}: must not contain '--' in its path (PEFT writes "
+            "rewritten copies of the base next to the first such path component)"
+        )
+    staged = offload_folder / f"mergejob--{Path(source).name}"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
+    for item in Path(source).iterdir():
+        if item.is_file():
+            (staged / item.name).symlink_to(item.resolve())
+    return staged
+
+
+def _peft_offload_kwargs(load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """PEFT re-dispatches an offloaded model when it loads an adapter: same limits again."""
+    if load_kwargs.get("device_map") != "auto":
+        return {}
+    keys = ("device_map", "max_memory", "offload_folder")
+    return {k: load_kwargs[k] for k in keys if k in load_kwargs}
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
