@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -214,7 +215,7 @@ class Repo:
             )
 
         history = self.history(start)
-        for newer, older in zip(history, history[1:], strict=False):
+        for newer, older in itertools.pairwise(history):
             if view(newer) != view(older):
                 return newer
         return history[-1]
@@ -425,7 +426,9 @@ class HubStore:
             if parent_commit is not None:
                 parent = repo.resolve(parent_commit)
                 if parent is None:
-                    raise HubError(404, f"Invalid parent commit: {parent_commit}", code="RevisionNotFound")
+                    raise HubError(
+                        404, f"Invalid parent commit: {parent_commit}", code="RevisionNotFound"
+                    )
                 if create_pr:
                     base = parent
                 elif parent.id != base.id:
