@@ -196,16 +196,20 @@ build_buildah() {
     done
     args+=(--build-arg "PIP_FIND_LINKS=${find_links# }" --build-arg "PIP_EXTRA_INDEX_URL=${extra_index# }")
     log "buildah bud $IMAGE (base ${BASE:-$BASE_NAME}, $torch_spec)"
-    "${BUILDAH[@]}" bud "${args[@]}" "$ROOT"
-    # Drop dangling images left by earlier builds of the same tag (layer cache stays).
-    "${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
+    # Steps are stamped with the seconds since the build began.
+    local t0=$SECONDS line
+    "${BUILDAH[@]}" bud "${args[@]}" "$ROOT" 2>&1 | while IFS= read -r line; do
+        case $line in
+            *"STEP "*|*COMMIT*|"Successfully tagged"*) printf '[%4ds] %s\n' $((SECONDS - t0)) "$line" ;;
+            *) printf '%s\n' "$line" ;;
+        esac
+    done
 }
 
 image_size() {
     if [ "$1" = docker ]; then
         docker image inspect --format '{{.Size}}' "$IMAGE"
     else
-        "${BUILDAH[@]}" inspect --type image --format '{{.FromImageID}}' "$IMAGE" >/dev/null
         "${BUILDAH[@]}" images --noheading --format '{{.Size}}' "$IMAGE"
     fi
 }

@@ -69,7 +69,8 @@ image_config() {
         docker image inspect "$IMAGE" \
             | "$PY" -c 'import json,sys; c=json.load(sys.stdin)[0]["Config"]; print(json.dumps({"config": c}))'
     else
-        "${BUILDAH[@]}" inspect --type image --format '{{json .OCIv1}}' "$IMAGE"
+        "${BUILDAH[@]}" inspect --type image "$IMAGE" \
+            | "$PY" -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["OCIv1"]))'
     fi
 }
 

@@ -10,7 +10,14 @@ from typing import Any
 
 from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, MergeJobError, SpecError
 from mergejob.logs import setup_logging
-from mergejob.spec import DTYPES, ENGINES, MergeSpec, build_spec, load_spec_file
+from mergejob.spec import (
+    DTYPES,
+    ENGINES,
+    MergeSpec,
+    build_spec,
+    load_spec_file,
+    parse_assignment,
+)
 
 log = logging.getLogger("mergejob")
 
@@ -45,6 +52,28 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         "--push_to_hub", "--push-to-hub", dest="push_to_hub", action="store_true", default=None,
         help="publish the merged model to the Hub repo named by --output_dir",
     )  # fmt: skip
+    hub = parser.add_argument_group(
+        "publishing (with --push_to_hub, or publish.repo_id in the spec; token: HF_TOKEN or "
+        "HF_TOKEN_PATH)"
+    )
+    hub.add_argument(
+        "--local-dir", "--local_dir", dest="local_dir", metavar="DIR",
+        help="keep the local copy here (default: a temporary folder, removed once published)",
+    )  # fmt: skip
+    hub.add_argument("--private", action="store_true", default=None,
+                     help="create the repo private (an existing repo keeps its visibility)")  # fmt: skip
+    hub.add_argument(
+        "--branch", "--hub-revision", dest="hub_revision", metavar="BRANCH",
+        help="commit to this branch of the repo (created if missing; default: main)",
+    )  # fmt: skip
+    hub.add_argument("--create-pr", "--create_pr", dest="create_pr", action="store_true",
+                     default=None, help="open a pull request instead of committing")  # fmt: skip
+    hub.add_argument("--commit-message", "--commit_message", dest="commit_message",
+                     metavar="TEXT", help="summary line of the commit")  # fmt: skip
+    hub.add_argument(
+        "--delete-uploaded", "--delete_uploaded", dest="delete_uploaded", action="store_true",
+        default=None, help="free each local shard once it is on the Hub (bounded disk use)",
+    )  # fmt: skip
     job.add_argument(
         "--trust_remote_code", "--trust-remote-code", dest="trust_remote_code",
         action="store_true", default=None, help="allow custom model code (peft engine)",
@@ -65,40 +94,123 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                      metavar="DIR", help="accelerate disk-offload folder (peft engine)")  # fmt: skip
     job.add_argument("--overwrite", action="store_true", default=None,
                      help="replace a non-empty output folder")  # fmt: skip
+    job.add_argument(
+        "--set-config", "--set_config", dest="set_config", action="append", metavar="KEY=VALUE",
+        help="set a config.json key of the output (repeatable; the value is JSON: "
+        "rope_theta=3580165449.0, max_position_embeddings=1048576)",
+    )  # fmt: skip
+    job.add_argument(
+        "--config-from", "--config_from", dest="config_from", metavar="ID_OR_PATH",
+        help="take config.json from this model (same architecture and shapes)",
+    )  # fmt: skip
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """-v and --log-format after the command too (``mergejob run --log-format json``)."""
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+        help="log lines as text (default) or JSON (one object a line)",
+    )  # fmt: skip
+
+
+_FLAG_FIELDS = {
+    "base": ("base.path", "--base_model_name_or_path"),
+    "trust_remote_code": ("base.trust_remote_code", "--trust_remote_code"),
+    "adapters": ("adapters", "--peft_model_paths"),
+    "output_dir": ("output.dir", "--output_dir"),
+    "dtype": ("output.dtype", "--dtype"),
+    "max_shard_size": ("output.max_shard_size", "--max-shard-size"),
+    "overwrite": ("output.overwrite", "--overwrite"),
+    "engine": ("engine.name", "--engine"),
+    "device": ("engine.device", "--device"),
+    "workers": ("engine.workers", "--workers"),
+    "max_memory": ("engine.max_memory", "--max-memory"),
+    "offload_folder": ("engine.offload_folder", "--offload-folder"),
+    "config_from": ("config.config_from", "--config-from"),
+    "private": ("publish.private", "--private"),
+    "hub_revision": ("publish.revision", "--branch"),
+    "create_pr": ("publish.create_pr", "--create-pr"),
+    "commit_message": ("publish.commit_message", "--commit-message"),
+    "delete_uploaded": ("publish.delete_uploaded", "--delete-uploaded"),
+}
+
+
+def flag_labels(overrides: dict[str, Any]) -> dict[str, str]:
+    """The flag that set each dotted key of :func:`flag_overrides` (for error messages)."""
+    by_field = {dotted: flag for dotted, flag in _FLAG_FIELDS.values()}
+    by_field["publish.repo_id"] = "--output_dir (with --push_to_hub)"
+    if "publish.repo_id" in overrides:
+        by_field["output.dir"] = "--local-dir"
+    return {
+        key: "--set-config" if key.startswith("config.overrides.") else by_field.get(key, key)
+        for key in overrides
+    }
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The job flags the user gave, as dotted spec keys."""
-    mapping = {
-        "base": "base.path",
-        "trust_remote_code": "base.trust_remote_code",
-        "adapters": "adapters",
-        "output_dir": "output.dir",
-        "dtype": "output.dtype",
-        "max_shard_size": "output.max_shard_size",
-        "overwrite": "output.overwrite",
-        "engine": "engine.name",
-        "device": "engine.device",
-        "workers": "engine.workers",
-        "max_memory": "engine.max_memory",
-        "offload_folder": "engine.offload_folder",
-    }
-    result: dict[str, Any] = {}
-    for attr, dotted in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            result[dotted] = value
+    result = _plain_flag_overrides(args)
+    for assignment in getattr(args, "set_config", None) or []:
+        key, value = parse_assignment(assignment)
+        result[f"config.overrides.{key}"] = value
     return result
 
 
-def spec_from_args(args: argparse.Namespace, *layers: dict[str, Any]) -> MergeSpec:
-    """File (``--config``), then extra layers (environment), then flags."""
-    file_data = load_spec_file(args.config) if getattr(args, "config", None) else {}
-    flags = flag_overrides(args)
-    if getattr(args, "push_to_hub", None):
+def _plain_flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for attr, (dotted, _flag) in _FLAG_FIELDS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            result[dotted] = value
+    local_dir = getattr(args, "local_dir", None)
+    if getattr(args, "push_to_hub", None) and "output.dir" in result:
+        # The seed's meaning: with --push_to_hub, --output_dir names the Hub repo.
+        result["publish.repo_id"] = result.pop("output.dir")
+    elif local_dir is not None and "output.dir" in result:
         raise SpecError(
-            "--push_to_hub: publishing to the Hub is not available in this version yet; "
-            "merge into a folder with --output_dir and upload it with `hf upload`"
+            "--local-dir: only with --push_to_hub (then --output_dir is the Hub repo id); "
+            "without it, --output_dir is the local folder"
+        )
+    if local_dir is not None:
+        result["output.dir"] = local_dir
+    return result
+
+
+def spec_from_args(
+    args: argparse.Namespace,
+    *layers: dict[str, Any],
+    labels: dict[str, str] | None = None,
+    file_data: dict[str, Any] | None = None,
+) -> MergeSpec:
+    """File (``--config``, or ``file_data`` already read), then extra layers (environment),
+    then flags. ``labels`` name where a layer's keys came from, for error messages."""
+    if file_data is None:
+        file_data = load_spec_file(args.config) if getattr(args, "config", None) else {}
+    flags = flag_overrides(args)
+    publishes = (
+        "publish.repo_id" in flags
+        or bool((file_data.get("publish") or {}).get("repo_id"))
+        or _layers_have(layers, "publish.repo_id")
+    )
+    if getattr(args, "push_to_hub", None) and not publishes:
+        raise SpecError(
+            "--push_to_hub: give the Hub repo id as --output_dir (e.g. --output_dir "
+            "org/merged-model), as the seed script did"
+        )
+    publish_flags = [
+        flag
+        for attr, (dotted, flag) in _FLAG_FIELDS.items()
+        if dotted.startswith("publish.") and getattr(args, attr, None) is not None
+    ]
+    if getattr(args, "local_dir", None) is not None:
+        publish_flags.append("--local-dir")
+    if publish_flags and not publishes:
+        raise SpecError(
+            f"{publish_flags[0]}: only when publishing; add --push_to_hub with the repo id "
+            "as --output_dir"
         )
     if "base.path" not in flags and "base" not in file_data and not _layers_have(layers, "base"):
         raise SpecError("--base_model_name_or_path: required (or give --config SPEC)")
@@ -109,7 +221,8 @@ def spec_from_args(args: argparse.Namespace, *layers: dict[str, Any]) -> MergeSp
     ):
         raise SpecError("--peft_model_paths: required (or give --config SPEC)")
     origin = args.config if getattr(args, "config", None) else "flags"
-    return build_spec(file_data, *layers, flags, origin=origin)
+    all_labels = {**(labels or {}), **flag_labels(flags)}
+    return build_spec(file_data, *layers, flags, origin=origin, labels=all_labels)
 
 
 def _layers_have(layers: Sequence[dict[str, Any]], key: str) -> bool:
@@ -121,7 +234,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     result = merge(spec)
-    print(f"merged model written to {result.output_dir} in {result.seconds:.1f}s")
+    print(result.summary())
     return 0
 
 
@@ -135,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_ArgumentParser)
     merge_parser = sub.add_parser("merge", help="merge adapters into a base model")
     add_job_arguments(merge_parser)
+    add_logging_arguments(merge_parser)
     merge_parser.set_defaults(func=cmd_merge)
     from mergejob import cli_job
     from mergejob.launch import cli as launch_cli
@@ -151,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
+    from mergejob import cli_job
+
+    cli_job.hide_secrets()
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT

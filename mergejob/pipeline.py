@@ -7,52 +7,119 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mergejob import output
+from mergejob import model_config, output, recipe, settings
 from mergejob.checkpoint import CheckpointIndex
-from mergejob.errors import InputError, ModelError
+from mergejob.errors import InputError, MergeFailedError, ModelError
 from mergejob.job import EngineReport, PreparedJob
-from mergejob.logs import phase
-from mergejob.plan import check_lora_shapes
-from mergejob.sources import ADAPTER_PATTERNS, BASE_PATTERNS, resolve_source
+from mergejob.plan import check_lora_shapes, plan_for_job
+from mergejob.recipe import Timings
+from mergejob.sources import (
+    ADAPTER_PATTERNS,
+    BASE_PATTERNS,
+    CONFIG_PATTERNS,
+    ResolvedSource,
+    resolve_source,
+)
 from mergejob.spec import MergeSpec
+
+if TYPE_CHECKING:
+    from mergejob.publish import HubTarget, PublishResult, ShardUploader
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class MergeResult:
-    """Where the merged model is and how it was made."""
+    """Where the merged model is and how it was made.
 
-    output_dir: Path
+    ``output_dir`` is None when the model was only published (its local copy was temporary);
+    ``published`` says where it went on the Hub.
+    """
+
+    output_dir: Path | None
     engine: EngineReport
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    published: PublishResult | None = None
+
+    def summary(self) -> str:
+        """What a command prints when the job is done."""
+        lines = []
+        if self.output_dir is not None:
+            lines.append(f"merged model written to {self.output_dir} in {self.seconds:.1f}s")
+        else:
+            lines.append(f"merged in {self.seconds:.1f}s")
+        if self.published is not None:
+            where = self.published.pr_url or self.published.commit_url
+            lines.append(f"published to {self.published.url}: {where}")
+        return "\n".join(lines)
 
 
-def prepare(spec: MergeSpec, *, token: str | None = None) -> PreparedJob:
+def prepare(
+    spec: MergeSpec, *, token: str | None = None, timings: Timings | None = None
+) -> PreparedJob:
     """Resolve every source to local files and check the job; no weights are read."""
-    with phase("resolve"):
+    timings = timings or Timings()
+    with timings.phase("resolve"):
         base = resolve_source(spec.base, role="base model", patterns=BASE_PATTERNS, token=token)
         adapters = [
             resolve_source(a, role="adapter", patterns=ADAPTER_PATTERNS, token=token)
             for a in spec.adapters
         ]
-    with phase("plan"):
+        config_from = None
+        if spec.config.config_from is not None:
+            config_from = resolve_source(
+                spec.config.config_from, role="config_from", patterns=CONFIG_PATTERNS, token=token
+            )
+    with timings.phase("plan"):
         if not (base.local_dir / "config.json").is_file():
             raise ModelError(f"{base.local_dir}/config.json: missing; is this a model folder?")
         index = CheckpointIndex.from_folder(base.local_dir)
-        for adapter in adapters:
-            check_lora_shapes(index, adapter.local_dir)
+        if spec.engine.name != "stream":
+            for adapter in adapters:
+                check_lora_shapes(index, adapter.local_dir)
         dtype = spec.output.dtype if spec.output.dtype != "auto" else index.stored_dtype()
         if dtype not in {"bfloat16", "float16", "float32"}:
             raise ModelError(
                 f"{base.local_dir}: weights are stored as {dtype}; pass --dtype bfloat16, "
                 "float16 or float32"
             )
-    return PreparedJob(spec=spec, base=base, adapters=adapters, output_dtype=dtype)
+        check_output_config(spec, base, adapters, config_from, index)
+        job = PreparedJob(
+            spec=spec, base=base, adapters=adapters, output_dtype=dtype, config_from=config_from
+        )
+        if spec.engine.name == "stream":
+            # Every check of the stream engine (each adapter tensor lands on one base
+            # tensor and fits it; the configs are expressible); cached for the engine.
+            plan_for_job(job)
+    return job
+
+
+def check_output_config(
+    spec: MergeSpec,
+    base: ResolvedSource,
+    adapters: list[ResolvedSource],
+    config_from: ResolvedSource | None,
+    index: CheckpointIndex,
+) -> None:
+    """config_from and overrides: every check before any weight is read."""
+    if config_from is None and not spec.config.overrides:
+        return
+    base_config = model_config.read_config(base.local_dir)
+    model_config.plan_output_config(
+        base_config,
+        config_from=model_config.read_config(config_from.local_dir) if config_from else None,
+        config_from_name=config_from.display if config_from else None,
+        overrides=spec.config.overrides,
+        allow_unknown=spec.config.allow_unknown_keys,
+        vocab_size=model_config.merged_vocab_size(base_config, [a.local_dir for a in adapters]),
+    )
 
 
 def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
@@ -67,36 +134,225 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
         result = mergejob.merge(spec)
     """
     started = time.monotonic()
-    if spec.output.dir is None:
-        raise InputError("output.dir: required (publishing without a local folder comes later)")
-    out_dir = Path(spec.output.dir)
-    output.check_output_dir(out_dir, overwrite=spec.output.overwrite)
-    job = prepare(spec, token=token)
-    partial = output.open_partial(out_dir, resume=False)
+    token = token if token is not None else settings.hub_token()
+    target: HubTarget | None = None
+    if spec.publish is not None:
+        from mergejob import publish
+
+        # Before any download or tensor: a bad token fails in seconds, not after the merge.
+        target = publish.check_access(spec.publish, token=token)
+        token = publish.resolve_token(token)
+    # Publishing with no output.dir: the local copy is temporary, in a fixed place per
+    # repo so that a rerun resumes from its finished shards.
+    temporary = spec.output.dir is None
+    if spec.output.dir is not None:
+        out_dir = Path(spec.output.dir)
+    elif target is not None:
+        out_dir = publish.default_local_dir(target)
+    else:
+        raise InputError("output.dir: required unless publish.repo_id is set")
+    output.check_output_dir(out_dir, overwrite=spec.output.overwrite or temporary)
+    timings = Timings()
+    job = prepare(spec, token=token, timings=timings)
+    # The stream engine resumes from the finished shards an interrupted run left behind.
+    resumable = spec.engine.name == "stream"
+    partial = output.open_partial(out_dir, resume=resumable)
+    uploader = start_uploader(spec, target, token) if target is not None else None
+    published: PublishResult | None = None
     try:
-        with phase("merge", engine=spec.engine.name):
-            report = run_engine(job, partial)
-        with phase("write"):
+        with timings.phase("merge", engine=spec.engine.name):
+            report = run_engine(job, partial, on_shard_done=uploader)
+        with timings.phase("write"):
             write_extras(job, partial)
-        final = output.commit_partial(out_dir)
-    except BaseException:
-        output.discard_partial(out_dir)
+            write_config(job, partial)
+            write_card(
+                job, partial, report, repo_id=target.repo_id if target else None, token=token
+            )
+        write_recipe(job, partial, report, timings)
+        if target is not None:
+            with timings.phase("publish", repo=target.display):
+                published = publish_output(job, partial, target, uploader, token)
+        if temporary:
+            files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
+            output.discard_partial(out_dir)
+            final: Path | None = None
+        else:
+            final = output.commit_partial(out_dir)
+            files = sorted(p.name for p in final.iterdir())
+    except BaseException as exc:
+        if resumable and not isinstance(exc, InputError | MergeFailedError):
+            log.warning("kept %s: rerun the same job to resume from its finished shards", partial)
+        else:
+            output.discard_partial(out_dir)
         raise
-    files = sorted(p.name for p in final.iterdir())
+    finally:
+        if uploader is not None:
+            uploader.close()
     return MergeResult(
-        output_dir=final, engine=report, files=files, seconds=time.monotonic() - started
+        output_dir=final,
+        engine=report,
+        files=files,
+        seconds=time.monotonic() - started,
+        timings=dict(timings.seconds),
+        published=published,
     )
 
 
-def run_engine(job: PreparedJob, out_dir: Path) -> EngineReport:
+def run_engine(
+    job: PreparedJob, out_dir: Path, *, on_shard_done: Callable[[Path], None] | None = None
+) -> EngineReport:
+    """Run the spec's engine into ``out_dir``. ``on_shard_done`` gets each finished shard
+    while the next ones merge (stream engine; the peft engine writes them all at the end)."""
     name = job.spec.engine.name
     if name == "peft":
         from mergejob.engines.peft import merge_with_peft
 
         return merge_with_peft(job, out_dir)
+    if name == "stream":
+        from mergejob.engines.stream import merge_with_stream
+
+        return merge_with_stream(job, out_dir, on_shard_done=on_shard_done)
     from mergejob.errors import SpecError
 
-    raise SpecError(f"engine.name: {name!r} is not available yet; use --engine peft")
+    raise SpecError(f"engine.name: {name!r}: unknown engine; use --engine stream or peft")
+
+
+def write_config(job: PreparedJob, out_dir: Path) -> None:
+    """config.json: what the engine wrote, with config_from and the overrides applied."""
+    config_from = model_config.read_config(job.config_from.local_dir) if job.config_from else None
+    if model_config.finalize_output_config(
+        out_dir,
+        job.base.local_dir,
+        config_from=config_from,
+        overrides=job.spec.config.overrides,
+        output_dtype=job.output_dtype,
+    ):
+        log.info("config.json: %s", describe_config_changes(job))
+
+
+def describe_config_changes(job: PreparedJob) -> str:
+    parts = []
+    if job.config_from is not None:
+        parts.append(f"from {job.config_from.display}")
+    if job.spec.config.overrides:
+        parts.append(
+            "overrides " + ", ".join(f"{k}={v!r}" for k, v in job.spec.config.overrides.items())
+        )
+    return "; ".join(parts)
+
+
+def write_recipe(job: PreparedJob, out_dir: Path, report: EngineReport, timings: Timings) -> Path:
+    """``mergejob.yaml``: the resolved spec (Hub inputs at their commits), file checksums,
+    engine, versions and timings. Written last, so it lists every other file."""
+    spec = resolved_spec(job)
+    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS)]
+    inputs += [recipe.source_record("adapter", a, ADAPTER_PATTERNS) for a in job.adapters]
+    if job.config_from is not None:
+        inputs.append(recipe.source_record("config_from", job.config_from, CONFIG_PATTERNS))
+    engine = {"name": report.engine, "device": job.spec.engine.device}
+    if report.tensors_changed is not None:
+        engine["tensors_changed"] = report.tensors_changed
+    engine.update({k: v for k, v in report.extra.items() if _plain(v)})
+    records = report.extra.get("shard_records")
+    known = {
+        name: record["sha256"]
+        for name, record in (records.items() if isinstance(records, dict) else [])
+        if isinstance(record, dict) and isinstance(record.get("sha256"), str)
+    }
+    document = recipe.build_recipe(
+        spec=spec,
+        inputs=inputs,
+        output_dir=out_dir,
+        engine=engine,
+        timings=timings.seconds,
+        known_digests=known,
+    )
+    return recipe.write_recipe(out_dir, document)
+
+
+def resolved_spec(job: PreparedJob) -> dict[str, Any]:
+    """The spec as the recipe records it: Hub inputs pinned to their commits, local ones as
+    absolute paths, the output dtype as chosen (never ``auto``)."""
+    spec = job.spec.to_dict()
+    spec["base"] = recipe.pinned_source(job.base, spec["base"])
+    spec["adapters"] = [
+        recipe.pinned_source(source, entry)
+        for source, entry in zip(job.adapters, spec["adapters"], strict=True)
+    ]
+    if job.config_from is not None:
+        spec["config"]["config_from"] = recipe.pinned_source(
+            job.config_from, spec["config"]["config_from"]
+        )
+    spec["output"]["dtype"] = job.output_dtype
+    if spec["output"].get("dir"):
+        spec["output"]["dir"] = str(Path(spec["output"]["dir"]).absolute())
+    return spec
+
+
+def write_card(
+    job: PreparedJob,
+    out_dir: Path,
+    report: EngineReport,
+    *,
+    repo_id: str | None = None,
+    token: str | None = None,
+) -> Path:
+    """README.md: the model card (see :mod:`mergejob.card`), in every output."""
+    from mergejob.card import write_model_card
+
+    return write_model_card(
+        out_dir, job, report, resolved_spec=resolved_spec(job), repo_id=repo_id, token=token
+    )
+
+
+def start_uploader(spec: MergeSpec, target: HubTarget, token: str | None) -> ShardUploader:
+    """The background uploader the engine hands each finished shard to. With
+    ``delete_uploaded``, at most two finished shards wait for it (disk use stays bounded)."""
+    from mergejob import publish
+
+    token = publish.resolve_token(token)
+    delete = bool(spec.publish and spec.publish.delete_uploaded)
+    return publish.ShardUploader(
+        publish.hub_api(token),
+        target,
+        token=token,
+        max_pending=2 if delete else None,
+        delete_uploaded=delete,
+    )
+
+
+def publish_output(
+    job: PreparedJob,
+    folder: Path,
+    target: HubTarget,
+    uploader: ShardUploader | None,
+    token: str | None,
+) -> PublishResult:
+    """Upload what the uploader has not yet sent and make the one commit (or pull request)."""
+    from mergejob import publish
+
+    spec = job.spec.publish
+    count = len(job.adapters)
+    message = (spec.commit_message if spec else None) or (
+        f"Upload {job.base.display} + {count} merged adapter{'s' if count != 1 else ''} (mergejob)"
+    )
+    description = "Adapters, in merge order:\n" + "\n".join(
+        f"- {a.display} (weight {w.weight:g})"
+        for a, w in zip(job.adapters, job.spec.adapters, strict=True)
+    )
+    return publish.publish_folder(
+        folder,
+        target,
+        token=token,
+        uploader=uploader,
+        commit_message=message,
+        commit_description=description,
+        delete_uploaded=bool(spec and spec.delete_uploaded),
+    )
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
 
 
 def write_extras(job: PreparedJob, out_dir: Path) -> None:

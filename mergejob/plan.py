@@ -255,11 +255,20 @@ def build_plan(
         base.update(read_tensor_refs(base_dir / shard))
     if output_dtype is not None and output_dtype not in FLOAT_DTYPES:
         raise ModelError(f"output dtype {output_dtype}: not a floating-point dtype")
-    layout = embedding_layout(base_dir, config, base, trust_remote_code=trust_remote_code)
     factors = [read_adapter(path, weight=weight) for path, weight in adapters]
-    builder = _PlanBuilder(base, layout)
-    for i, adapter in enumerate(factors):
-        builder.add_adapter(i, adapter)
+    for ask_transformers in (False, True):
+        layout = embedding_layout(
+            base_dir,
+            config,
+            base,
+            trust_remote_code=trust_remote_code,
+            ask_transformers=ask_transformers,
+        )
+        builder = _PlanBuilder(base, layout)
+        for i, adapter in enumerate(factors):
+            builder.add_adapter(i, adapter)
+        if not builder.unmapped:
+            break
     builder.raise_problems()
     return builder.finish(
         base_dir=base_dir,
@@ -535,39 +544,42 @@ def embedding_layout(
     base: Mapping[str, TensorRef],
     *,
     trust_remote_code: bool = False,
+    ask_transformers: bool = False,
 ) -> EmbeddingLayout:
     """Find the input/output embeddings and whether they are tied.
 
-    Uses the architecture class's tied-weights map and ``base_model_prefix`` when
-    transformers knows the architecture (no model is built), else common names; whether the
-    embeddings are tied comes from the config as transformers reads it (class defaults
-    included).
+    From the tensor names first (``embed_tokens``/``wte``/... and ``lm_head``/``embed_out``);
+    with ``ask_transformers``, from the architecture class's tied-weights map and
+    ``base_model_prefix`` (no model is built; importing the modeling code costs seconds, so
+    the plan asks only when some adapter tensor maps to nothing by names). Whether the
+    embeddings are tied comes from config.json, or transformers' class default if absent.
     """
-    input_name: str | None = None
-    output_name: str | None = None
-    prefix: str | None = None
-    architectures = config.get("architectures") or []
-    try:
-        import transformers
+    input_name = next((n for n in base if _INPUT_EMBEDDING_RE.search(n)), None)
+    output_name = next((n for n in _OUTPUT_EMBEDDING_NAMES if n in base), None)
+    prefix = input_name.split(".")[0] if input_name and input_name.count(".") >= 2 else None
+    if ask_transformers:
+        architectures = config.get("architectures") or []
+        try:
+            import transformers
 
-        cls = getattr(transformers, str(architectures[0])) if architectures else None
-        tied_keys = getattr(cls, "_tied_weights_keys", None)
-        prefix = getattr(cls, "base_model_prefix", None) or None
-        if isinstance(tied_keys, Mapping) and tied_keys:
-            output_name, input_name = next(iter(tied_keys.items()))
-    except Exception:  # unknown or remote-code architectures: fall back to common names
-        pass
-    if input_name is not None and input_name not in base and prefix:
-        stripped = input_name.removeprefix(f"{prefix}.")
-        input_name = stripped if stripped in base else input_name
-    if input_name is None or input_name not in base:
-        input_name = next((n for n in base if _INPUT_EMBEDDING_RE.search(n)), None)
-    if output_name is None:
-        output_name = next((n for n in _OUTPUT_EMBEDDING_NAMES if n in base), "lm_head.weight")
-    tied = _tie_word_embeddings(base_dir, config, trust_remote_code=trust_remote_code)
-    if input_name is None:
-        tied = False
-    return EmbeddingLayout(input=input_name, output=output_name, tied=tied, prefix=prefix)
+            cls = getattr(transformers, str(architectures[0])) if architectures else None
+            tied_keys = getattr(cls, "_tied_weights_keys", None)
+            prefix = getattr(cls, "base_model_prefix", None) or prefix
+            if isinstance(tied_keys, Mapping) and tied_keys:
+                out_key, in_key = next(iter(tied_keys.items()))
+                output_name = out_key if output_name is None else output_name
+                for candidate in (in_key, in_key.removeprefix(f"{prefix}.")):
+                    if candidate in base:
+                        input_name = candidate
+                        break
+        except Exception:  # unknown or remote-code architectures: keep the names found
+            pass
+    tied = input_name is not None and _tie_word_embeddings(
+        base_dir, config, trust_remote_code=trust_remote_code
+    )
+    return EmbeddingLayout(
+        input=input_name, output=output_name or "lm_head.weight", tied=tied, prefix=prefix
+    )
 
 
 def _tie_word_embeddings(

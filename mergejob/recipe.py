@@ -1,0 +1,220 @@
+"""The recipe: ``mergejob.yaml`` in every output folder, the resolved spec plus a record.
+
+The file is a spec (base, adapters, output, engine, config, publish) resolved so that it
+names exactly what was merged: every Hub input pinned to the commit it was downloaded at,
+local inputs as absolute paths, the output dtype as chosen (never ``auto``). Below it, a
+``recipe:`` section records the sha256 of every input and output file, the engine, the
+versions of mergejob, torch, transformers, peft and friends, and the duration of each phase.
+``mergejob run --config OUT/mergejob.yaml --output_dir OTHER`` reproduces the output byte for
+byte (the recipe itself differs only in its timings); spec loading drops the ``recipe:``
+section.
+
+Example::
+
+    from mergejob.recipe import read_recipe
+    recipe = read_recipe("merged")
+    print(recipe["recipe"]["outputs"]["model-00001-of-00002.safetensors"])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import platform
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergejob.errors import InputError
+from mergejob.logs import phase
+from mergejob.sources import ResolvedSource
+from mergejob.spec import RECIPE_KEY
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "mergejob.yaml"
+RECIPE_FORMAT = 1
+_CHUNK = 8 * 1024 * 1024
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+VERSIONED_PACKAGES = (
+    "mergejob",
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "accelerate",
+    "huggingface_hub",
+)
+
+
+class Timings:
+    """Durations of the job's phases, logged as they happen and kept for the recipe."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str, **fields: Any) -> Iterator[None]:
+        """``logs.phase`` (start, end, duration lines) that also records the duration."""
+        started = time.monotonic()
+        try:
+            with phase(name, **fields):
+                yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _known_sha256(path: Path) -> str | None:
+    """A Hub cache file is a link to ``blobs/<sha256>`` for LFS files: no need to read it."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.readlink(path))
+    if target.parent.name == "blobs" and _SHA256_RE.match(target.name):
+        return target.name
+    return None
+
+
+def file_digests(
+    folder: Path,
+    names: Iterable[str] | None = None,
+    *,
+    known: Mapping[str, str] | None = None,
+    workers: int = 4,
+) -> dict[str, str]:
+    """``{file name: sha256}`` for ``names`` (default: every file) in ``folder``, sorted.
+
+    ``known`` digests (the stream engine hashes every shard as it writes it) are trusted
+    and not recomputed; Hub cache files are named by their sha256 already.
+    """
+    folder = Path(folder)
+    if names is None:
+        names = [p.name for p in folder.iterdir() if p.is_file()]
+    names = sorted(names)
+    known = dict(known or {})
+
+    def one(name: str) -> str:
+        path = folder / name
+        return known.get(name) or _known_sha256(path) or sha256_file(path)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
+
+
+def input_files(folder: Path, patterns: Iterable[str]) -> list[str]:
+    """The top-level files of a source folder that a merge reads (by download pattern)."""
+    patterns = list(patterns)
+    return sorted(
+        p.name
+        for p in Path(folder).iterdir()
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that decide the output's bytes."""
+    found = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def pinned_source(source: ResolvedSource, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec entry that names exactly what was used: Hub commit, or absolute local path."""
+    pinned = dict(spec)
+    if source.commit:
+        pinned["revision"] = source.commit
+    else:
+        pinned["path"] = str(Path(source.local_dir).absolute())
+        pinned.pop("revision", None)
+    return pinned
+
+
+def source_record(role: str, source: ResolvedSource, patterns: Iterable[str]) -> dict[str, Any]:
+    """What one input was: where it came from, at which commit, with its files' sha256."""
+    record: dict[str, Any] = {"role": role, "source": source.spec.path}
+    if source.spec.revision:
+        record["revision"] = source.spec.revision
+    if source.commit:
+        record["commit"] = source.commit
+    else:
+        record["local_dir"] = str(Path(source.local_dir).absolute())
+    record["files"] = file_digests(source.local_dir, input_files(source.local_dir, patterns))
+    return record
+
+
+def build_recipe(
+    *,
+    spec: Mapping[str, Any],
+    inputs: list[dict[str, Any]],
+    output_dir: Path,
+    engine: Mapping[str, Any],
+    timings: Mapping[str, float],
+    known_digests: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The full ``mergejob.yaml`` document: the resolved spec and its ``recipe:`` record."""
+    names = [n for n in _output_names(output_dir) if n != RECIPE_FILE]
+    outputs = file_digests(output_dir, names, known=known_digests)
+    record = {
+        "format": RECIPE_FORMAT,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "engine": dict(engine),
+        "versions": versions(),
+        "inputs": inputs,
+        "outputs": outputs,
+        "timings": dict(timings),
+    }
+    return {**spec, RECIPE_KEY: record}
+
+
+def _output_names(folder: Path) -> list[str]:
+    return [p.name for p in Path(folder).iterdir() if p.is_file()]
+
+
+def write_recipe(output_dir: Path, recipe: Mapping[str, Any]) -> Path:
+    """Write ``mergejob.yaml`` with a header that says how to rerun it."""
+    path = Path(output_dir) / RECIPE_FILE
+    header = (
+        "# mergejob recipe: the resolved spec of this merge and a record of how it was made.\n"
+        "# Rerun: mergejob run --config mergejob.yaml --output_dir OTHER_DIR\n"
+    )
+    path.write_text(header + yaml.safe_dump(dict(recipe), sort_keys=False, width=100))
+    return path
+
+
+def read_recipe(folder: Path) -> dict[str, Any]:
+    """The ``mergejob.yaml`` of an output folder as a dict (spec keys and ``recipe``)."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        raise InputError(
+            f"{path}: missing; {folder} was not written by mergejob (give --base and "
+            "--adapters to verify it anyway)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a mergejob recipe")
+    return data

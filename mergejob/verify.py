@@ -1,0 +1,599 @@
+"""Check a merged output against its base and adapters, tensor by tensor.
+
+For each sampled tensor (``all_tensors`` for every one) the expected value is recomputed
+from the base and the adapters' safetensors with PEFT's formulas, in fp32, and rounded once
+to the output's dtype; the difference is measured in units in the last place (ulps) of that
+dtype. The tolerance is the one DESIGN.md states: with one adapter merged by the stream engine
+the output is bit-exact (0 ulp); otherwise within 1 ulp per adapter (PEFT rounds after each
+adapter; DoRA's norm is summed in another order). Tensors no adapter touches must be the
+base's bytes. An optional logits check runs a few tokens through the output and through
+the base with the adapters applied by PEFT (unmerged), when both fit in memory.
+
+Example::
+
+    from mergejob.verify import verify_output
+    report = verify_output("merged")            # base and adapters from merged/mergejob.yaml
+    assert report.ok, report.summary()
+
+The module reads only the tensors it checks (safetensors opens files lazily).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergejob.adapter_config import adapter_weights_path, read_adapter_config
+from mergejob.checkpoint import CheckpointIndex
+from mergejob.errors import InputError, ModelError
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT_SAMPLE = 24
+
+
+# ---------------------------------------------------------------------------------------
+# One adapter, read into what each target tensor receives
+
+
+@dataclass
+class ModuleDelta:
+    """What one adapter does to one module of the base."""
+
+    module: str
+    lora_a: torch.Tensor | None = None  # (r, in) or, for embeddings, (r, vocab)
+    lora_b: torch.Tensor | None = None  # (out, r) or, for embeddings, (dim, r)
+    scale: float = 1.0
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA
+    bias: torch.Tensor | None = None  # lora_B bias (lora_bias=True)
+    # Full tensors by leaf name (weight, bias): modules_to_save, or saved embedding layers.
+    replacement: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter folder as per-module deltas, and its weight in the merge."""
+
+    name: str
+    weight: float
+    modules: dict[str, ModuleDelta]
+
+    @property
+    def uses_dora(self) -> bool:
+        """Whether any module of this adapter is DoRA (its merge depends on the weight)."""
+        return any(m.magnitude is not None for m in self.modules.values())
+
+
+def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches the module's full name or a
+    suffix of it (the first key that matches wins), as ``get_pattern_key`` does."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)
+    return default
+
+
+def load_adapter(
+    adapter_dir: Path, *, weight: float = 1.0, name: str | None = None
+) -> AdapterWeights:
+    """Read an adapter's config and safetensors into per-module deltas (fp32)."""
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(adapter_dir)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputError(
+            f"{adapter_dir}: verify recomputes LoRA adapters only; this one is {peft_type}"
+        )
+    tensors = load_file(str(adapter_weights_path(adapter_dir)))
+    r_default = int(config.get("r", 8))
+    alpha_default = float(config.get("lora_alpha", r_default))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    modules: dict[str, ModuleDelta] = {}
+
+    def entry(module: str) -> ModuleDelta:
+        if module not in modules:
+            modules[module] = ModuleDelta(module=module)
+        return modules[module]
+
+    replacements: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX)
+        value = tensor.float()
+        for suffix, attr in (
+            (".lora_A.weight", "lora_a"),
+            (".lora_B.weight", "lora_b"),
+            (".lora_embedding_A", "lora_a"),
+            (".lora_embedding_B", "lora_b"),
+            (".lora_magnitude_vector", "magnitude"),
+            (".lora_magnitude_vector.weight", "magnitude"),
+            (".lora_B.bias", "bias"),
+        ):
+            if key.endswith(suffix):
+                delta = entry(key[: -len(suffix)])
+                setattr(delta, attr, value)
+                delta.embedding = delta.embedding or "embedding" in suffix
+                break
+        else:
+            # Full tensors: a plain copy, modules_to_save, or the base_layer PEFT saves.
+            if ".original_module." in key:
+                continue
+            head, _, leaf = key.rpartition(".")
+            rank = 0  # a plain copy (save_embedding_layers): PEFT loads it over the rest
+            for marker, marker_rank in ((".modules_to_save", 1), (".base_layer", 2)):
+                if head.endswith(marker):
+                    head, rank = head[: -len(marker)], marker_rank
+                    break
+            current = replacements.get((head, leaf))
+            if current is None or rank < current[0]:
+                replacements[(head, leaf)] = (rank, value)
+    for (module, leaf), (_rank, value) in replacements.items():
+        entry(module).replacement[leaf] = value
+    for module, delta in modules.items():
+        if delta.lora_a is None:
+            continue
+        r = _pattern_value(rank_pattern, module, r_default)
+        alpha = _pattern_value(alpha_pattern, module, alpha_default)
+        delta.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        delta.fan_in_fan_out = fan_in_fan_out and not delta.embedding
+        if delta.lora_b is None:
+            raise InputError(f"{adapter_dir}: {module} has lora_A but no lora_B")
+    return AdapterWeights(name=name or str(adapter_dir), weight=weight, modules=modules)
+
+
+@dataclass
+class Expected:
+    """The merged value of one tensor in fp32, and the largest magnitude each element had
+    on the way (base, then after each adapter): the scale its rounding steps were at."""
+
+    value: torch.Tensor
+    scale: torch.Tensor
+
+
+def expected_tensor(
+    name: str, base: torch.Tensor | None, adapters: list[AdapterWeights]
+) -> Expected | None:
+    """The merged value of tensor ``name``, or None when no adapter touches it.
+
+    ``W' = W + sum_i w_i * scale_i * (B_i @ A_i)`` (transposed for fan_in_fan_out and for
+    embeddings), DoRA rescaling rows to the magnitude vector, in the order given, in fp32.
+    """
+    module, _, leaf = name.rpartition(".")
+    value = base.float() if base is not None else None
+    scale = value.abs() if value is not None else None
+    touched = False
+    for adapter in adapters:
+        delta = adapter.modules.get(module)
+        if delta is None:
+            continue
+        if leaf in delta.replacement:
+            value = delta.replacement[leaf].clone()
+            scale = value.abs()
+            touched = True
+        if leaf == "weight" and delta.lora_a is not None:
+            if value is None:
+                raise ModelError(f"{name}: not in the base checkpoint")
+            value = _apply_lora(value, delta, adapter.weight)
+            touched = True
+        elif leaf == "bias" and delta.bias is not None and value is not None:
+            value = value + adapter.weight * delta.scale * delta.bias
+            touched = True
+        else:
+            continue
+        scale = value.abs() if scale is None or scale.shape != value.shape else scale
+        scale = torch.maximum(scale, value.abs())
+    if not touched or value is None or scale is None:
+        return None
+    return Expected(value=value, scale=scale)
+
+
+def _apply_lora(weight: torch.Tensor, delta: ModuleDelta, w: float) -> torch.Tensor:
+    assert delta.lora_a is not None and delta.lora_b is not None
+    product = delta.lora_b @ delta.lora_a
+    if delta.embedding or delta.fan_in_fan_out:
+        product = product.T
+    # Resized vocabularies: the LoRA covers the adapter's rows; never more than the weight.
+    if product.shape != weight.shape:
+        raise ModelError(
+            f"{delta.module}: LoRA delta {list(product.shape)} does not fit the weight "
+            f"{list(weight.shape)}"
+        )
+    # PEFT's expression, (B @ A) * scale, with the adapter's weight folded into the scale
+    # (the stream engine's coef), so one adapter reproduces it bit for bit.
+    update = product * (w * delta.scale)
+    if delta.magnitude is None:
+        return weight + update
+    # DoRA: scale each output row of (W + dW) to the trained magnitude.
+    combined = weight + update
+    rows = combined.T if delta.fan_in_fan_out else combined
+    norm = torch.linalg.norm(rows, dim=1)
+    factor = (delta.magnitude / norm).view(-1, 1)
+    result = factor * rows
+    return result.T if delta.fan_in_fan_out else result
+
+
+# ---------------------------------------------------------------------------------------
+# Units in the last place
+
+
+def ulp_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` numbers at the magnitude of each element of ``x`` (fp64)."""
+    info = torch.finfo(dtype)
+    mag = x.double().abs()
+    _mantissa, exponent = torch.frexp(mag)
+    spacing = torch.ldexp(torch.full_like(mag, info.eps), exponent - 1)
+    smallest = info.smallest_normal * info.eps
+    return spacing.clamp_min(smallest)
+
+
+def weight_ulps(
+    got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """|got - want| in ulps of the output dtype at the weight's magnitude (the larger of
+    |want| and ``scale``, the base weight), elementwise, in fp64.
+
+    Measuring at the weight's magnitude, not the result's, is what "one rounding step per
+    adapter" means when an adapter cancels most of a weight: PEFT rounds the delta to the
+    output dtype before adding it, an error of half an ulp of the delta, which can be many
+    ulps of a result near zero but never more than one of the weight.
+    """
+    magnitude = want.double().abs()
+    if scale is not None and scale.shape == want.shape:
+        magnitude = torch.maximum(magnitude, scale.double().abs())
+    return (got.double() - want.double()).abs() / ulp_of(magnitude, got.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass
+class TensorCheck:
+    """The largest difference found in one tensor."""
+
+    name: str
+    kind: str  # merged | untouched | replaced
+    max_abs: float
+    max_ulps: float  # at the weight's magnitude, see weight_ulps
+    tolerance_ulps: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Every tensor checked, and the logits check if it ran."""
+
+    output_dir: Path
+    tolerance_ulps: float
+    checks: list[TensorCheck] = field(default_factory=list)
+    tensors_total: int = 0
+    logits: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every tensor within tolerance, no missing tensor, and the logits agree."""
+        logits_ok = self.logits is None or self.logits.get("ok", True)
+        return not self.problems and all(c.ok for c in self.checks) and logits_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``mergejob verify --json``)."""
+        return {
+            "output_dir": str(self.output_dir),
+            "ok": self.ok,
+            "tolerance_ulps": self.tolerance_ulps,
+            "tensors_total": self.tensors_total,
+            "tensors_checked": len(self.checks),
+            "problems": self.problems,
+            "tensors": [c.__dict__ for c in self.checks],
+            "logits": self.logits,
+        }
+
+    def summary(self) -> str:
+        """A few lines for people: the verdict, then every tensor beyond tolerance."""
+        bad = [c for c in self.checks if not c.ok]
+        lines = [
+            f"{'OK' if self.ok else 'FAILED'}: {len(self.checks)} of {self.tensors_total} "
+            f"tensors checked against base + adapters (tolerance {self.tolerance_ulps} ulp)"
+        ]
+        lines += [
+            f"  {c.name}: {c.max_ulps:.3g} ulp (max |diff| {c.max_abs:.3g}) {c.note}" for c in bad
+        ]
+        lines += [f"  {p}" for p in self.problems]
+        if self.logits is not None:
+            lines.append(f"  logits: {self.logits.get('message', '')}")
+        return "\n".join(lines)
+
+
+def default_tolerance(engine: str | None, adapters: list[AdapterWeights]) -> int:
+    """DESIGN.md: one adapter through the stream engine is bit-exact; otherwise 1 ulp per
+    adapter (PEFT rounds after each adapter; DoRA's norm may sum in another order)."""
+    if engine == "stream" and len(adapters) == 1 and not adapters[0].uses_dora:
+        return 0
+    return max(1, len(adapters))
+
+
+def choose_sample(names: list[str], touched: set[str], count: int) -> list[str]:
+    """``count`` tensors spread over the checkpoint, mostly ones the adapters change, and
+    always the embeddings and head when touched (where untying and resizing happen)."""
+    changed = sorted(n for n in names if n in touched)
+    untouched = sorted(n for n in names if n not in touched)
+    special = [n for n in changed if any(t in n for t in ("embed", "lm_head", "wte"))]
+    n_untouched = min(len(untouched), max(1, count // 6))
+    n_changed = max(0, count - n_untouched - len(special))
+    picked = set(special) | set(_spread(changed, n_changed)) | set(_spread(untouched, n_untouched))
+    return sorted(picked)
+
+
+def _spread(items: list[str], count: int) -> list[str]:
+    if count <= 0 or not items:
+        return []
+    if count >= len(items):
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
+def verify_output(
+    output_dir: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    adapters: list[str | os.PathLike[str]] | None = None,
+    weights: list[float] | None = None,
+    all_tensors: bool = False,
+    sample: int = DEFAULT_SAMPLE,
+    tolerance_ulps: int | None = None,
+    logits: bool = True,
+    engine: str | None = None,
+) -> VerifyReport:
+    """Check ``output_dir`` against base + adapters (from its recipe unless given)."""
+    from safetensors import safe_open
+
+    out = Path(output_dir)
+    base_dir, adapter_dirs, weights, recorded_engine = _inputs(out, base, adapters, weights)
+    engine = engine or recorded_engine
+    adapter_weights = [
+        load_adapter(d, weight=w, name=str(d)) for d, w in zip(adapter_dirs, weights, strict=True)
+    ]
+    tolerance = (
+        default_tolerance(engine, adapter_weights) if tolerance_ulps is None else tolerance_ulps
+    )
+    out_index = CheckpointIndex.from_folder(out)
+    base_index = CheckpointIndex.from_folder(base_dir)
+    report = VerifyReport(
+        output_dir=out, tolerance_ulps=tolerance, tensors_total=len(out_index.tensors)
+    )
+
+    missing = sorted(set(base_index.tensors) - set(out_index.tensors))
+    if missing:
+        report.problems.append(f"the output lacks {len(missing)} base tensors, e.g. {missing[0]}")
+    touched = {
+        n for n in out_index.tensors if n.rpartition(".")[0] in _touched_modules(adapter_weights)
+    }
+    names = sorted(out_index.tensors)
+    chosen = names if all_tensors else choose_sample(names, touched, sample)
+    log.info("verify: checking %d of %d tensors of %s", len(chosen), len(names), out)
+
+    handles: dict[Path, Any] = {}
+
+    def read(index: CheckpointIndex, name: str) -> torch.Tensor:
+        path = index.folder / index.tensors[name].shard
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(name)
+
+    embed_name = _embedding_name(base_index)
+    for name in chosen:
+        got = read(out_index, name)
+        base_name = name if name in base_index.tensors else None
+        if base_name is None and name.endswith("lm_head.weight") and embed_name:
+            base_name = embed_name  # tied embeddings, untied by the merge
+        base_tensor = read(base_index, base_name) if base_name else None
+        expected = expected_tensor(name, base_tensor, adapter_weights)
+        if expected is None:
+            if base_tensor is None:
+                report.problems.append(f"{name}: in the output but not in the base or adapters")
+                continue
+            # Untouched weights are the base's bytes (rounded once if --dtype changed them).
+            same = base_tensor if got.dtype == base_tensor.dtype else base_tensor.to(got.dtype)
+            report.checks.append(_compare(name, "untouched", got, same, 0, exact=True))
+            continue
+        want = expected.value.to(got.dtype)
+        report.checks.append(_compare(name, "merged", got, want, tolerance, scale=expected.scale))
+    if logits:
+        report.logits = logits_check(out, base_dir, adapter_dirs, weights)
+    return report
+
+
+def _compare(
+    name: str,
+    kind: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    tolerance: float,
+    *,
+    scale: torch.Tensor | None = None,
+    exact: bool = False,
+) -> TensorCheck:
+    if got.shape != want.shape:
+        note = f"shape {list(got.shape)}, expected {list(want.shape)}"
+        return TensorCheck(name, kind, math.inf, math.inf, tolerance, False, note)
+    if not got.is_floating_point() or exact:
+        equal = got.dtype == want.dtype and torch.equal(got, want)
+        note = "" if equal else "(not byte-identical to the base)"
+        diff = 0.0 if equal else _max_abs(got, want)
+        return TensorCheck(name, kind, diff, 0.0 if equal else math.inf, 0, equal, note)
+    if not torch.isfinite(got).all():
+        return TensorCheck(name, kind, math.inf, math.inf, tolerance, False, "non-finite values")
+    if got.numel() == 0:
+        return TensorCheck(name, kind, 0.0, 0.0, tolerance, True)
+    ulps = float(weight_ulps(got, want, scale).max())
+    ok = ulps <= tolerance
+    return TensorCheck(name, kind, _max_abs(got, want), ulps, tolerance, ok)
+
+
+def _max_abs(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.shape != want.shape or not got.is_floating_point():
+        return math.inf
+    return float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+
+
+def _touched_modules(adapters: list[AdapterWeights]) -> set[str]:
+    return {m for a in adapters for m in a.modules}
+
+
+def _embedding_name(index: CheckpointIndex) -> str | None:
+    for name in sorted(index.tensors):
+        if name.endswith(
+            ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+        ):
+            return name
+    return None
+
+
+def _inputs(
+    out: Path,
+    base: str | os.PathLike[str] | None,
+    adapters: list[str | os.PathLike[str]] | None,
+    weights: list[float] | None,
+) -> tuple[Path, list[Path], list[float], str | None]:
+    """Base and adapter folders: given, or from the output's recipe (resolved locally)."""
+    engine = None
+    if base is None or not adapters:
+        from mergejob.recipe import read_recipe
+        from mergejob.sources import ADAPTER_PATTERNS, BASE_PATTERNS, resolve_source
+        from mergejob.spec import MergeSpec
+
+        data = read_recipe(out)
+        data.pop("recipe", None)
+        spec = MergeSpec.model_validate(data)
+        engine = spec.engine.name
+        if base is None:
+            base = resolve_source(spec.base, role="base model", patterns=BASE_PATTERNS).local_dir
+        if not adapters:
+            adapters = [
+                resolve_source(a, role="adapter", patterns=ADAPTER_PATTERNS).local_dir
+                for a in spec.adapters
+            ]
+            weights = weights or [a.weight for a in spec.adapters]
+    adapter_dirs = [Path(a) for a in adapters]
+    weights = list(weights) if weights else [1.0] * len(adapter_dirs)
+    if len(weights) != len(adapter_dirs):
+        raise InputError(f"--weights: {len(weights)} weights for {len(adapter_dirs)} adapters")
+    return Path(base), adapter_dirs, weights, engine
+
+
+# ---------------------------------------------------------------------------------------
+# Logits
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _fits_in_memory(*folders: Path) -> bool:
+    # Both models are loaded in fp32: twice the bytes of a 16-bit checkpoint each, plus room.
+    need = sum(p.stat().st_size for folder in folders for p in Path(folder).glob("*.safetensors"))
+    avail = available_memory()
+    return avail is not None and need * 3 < avail
+
+
+def logits_check(
+    out: Path, base_dir: Path, adapter_dirs: list[Path], weights: list[float]
+) -> dict[str, Any]:
+    """Logits of a few tokens: the output vs the base with the adapters applied by PEFT
+    (unmerged, fp32). Skipped when the models would not fit in memory."""
+    if not _fits_in_memory(out, base_dir):
+        return {"ok": True, "skipped": True, "message": "skipped: the model does not fit in memory"}
+    try:
+        return _logits_check(out, base_dir, adapter_dirs, weights)
+    except Exception as exc:  # a model transformers cannot run here: report, do not fail
+        log.warning("verify: logits check skipped: %s", exc)
+        return {"ok": True, "skipped": True, "message": f"skipped: {type(exc).__name__}: {exc}"}
+
+
+def _logits_check(
+    out: Path, base_dir: Path, adapter_dirs: list[Path], weights: list[float]
+) -> dict[str, Any]:
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        vocab = merged.get_input_embeddings().weight.shape[0]
+        reference = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        if _touches_embeddings(adapter_dirs):
+            reference.config.tie_word_embeddings = False
+            out_emb = reference.get_output_embeddings()
+            if out_emb is not None:
+                out_emb.weight = torch.nn.Parameter(
+                    reference.get_input_embeddings().weight.detach().clone()
+                )
+        if reference.get_input_embeddings().weight.shape[0] != vocab:
+            reference.resize_token_embeddings(vocab, mean_resizing=False)
+        for i, (adapter_dir, weight) in enumerate(zip(adapter_dirs, weights, strict=True)):
+            reference = PeftModel.from_pretrained(reference, str(adapter_dir), adapter_name=f"a{i}")
+            if weight != 1.0:
+                _scale_adapter(reference, f"a{i}", weight)
+            reference = reference.merge_and_unload()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (1, 8), generator=generator)
+    with torch.no_grad():
+        got = merged(tokens).logits.float()
+        want = reference(tokens).logits.float()
+    diff = float((got - want).abs().max())
+    scale = float(want.abs().max()) + 1e-6
+    dtype = str(json.loads((out / "config.json").read_text()).get("dtype", "bfloat16"))
+    rel_tol = 5e-2 if dtype in ("bfloat16", "float16") else 1e-4
+    ok = diff <= rel_tol * scale
+    return {
+        "ok": ok,
+        "tokens": tokens.shape[1],
+        "max_abs_diff": diff,
+        "max_abs_logit": scale,
+        "tolerance": rel_tol * scale,
+        "message": f"{'ok' if ok else 'FAILED'}: max |logit diff| {diff:.3g} over {tokens.shape[1]} "
+        f"tokens (tolerance {rel_tol * scale:.3g})",
+    }
+
+
+def _touches_embeddings(adapter_dirs: list[Path]) -> bool:
+    from mergejob.checkpoint import read_header
+
+    for adapter_dir in adapter_dirs:
+        header, _ = read_header(adapter_weights_path(adapter_dir))
+        if any(t in name for name in header for t in ("embed", "lm_head", "wte")):
+            return True
+    return False
+
+
+def _scale_adapter(model: Any, adapter_name: str, weight: float) -> None:
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and adapter_name in scaling:
+            scaling[adapter_name] *= weight
