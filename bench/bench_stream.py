@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -192,10 +193,14 @@ def cmd_copy(args: argparse.Namespace) -> int:
 # Measuring
 
 
-def measure(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run ``command``; returns (wall seconds, peak RSS of its process tree in bytes)."""
+def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Run ``command``: wall seconds, CPU seconds and peak RSS of its whole process tree."""
+    import resource
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
@@ -210,8 +215,7 @@ def measure(command: list[str], env: dict[str, str]) -> tuple[float, int]:
         while not stop.is_set():
             try:
                 procs = [root, *root.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in procs)
-                peak = max(peak, rss)
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
             except psutil.NoSuchProcess:
                 pass
             time.sleep(0.02)
@@ -222,9 +226,14 @@ def measure(command: list[str], env: dict[str, str]) -> tuple[float, int]:
     wall = time.monotonic() - started
     stop.set()
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
-    return wall, peak
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result = {"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": peak / 1e9, "load": load}
+    for phase, seconds in re.findall(r"phase (\w+) done in ([\d.]+)s", stderr.decode()):
+        result[f"phase_{phase}_s"] = float(seconds)
+    return result
 
 
 def warm(folder: Path) -> None:
@@ -235,11 +244,25 @@ def warm(folder: Path) -> None:
                     pass
 
 
+def shard_digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    digests = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(16 * 2**20):
+                digest.update(block)
+        digests[path.name] = digest.hexdigest()
+    return digests
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    """Round-robin over the configurations, so that load from elsewhere hits each alike."""
     work = Path(args.dir)
     python = sys.executable
     env = {**os.environ, "MERGEJOB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, Any] = {}
     for model in args.models:
         base = work / model / "base"
         adapters = [str(work / model / name) for name in ADAPTERS]
@@ -255,27 +278,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
         chosen = [c for c in args.configs if c in configs]
         warm(work / model)
-        results[model] = {}
-        for name in chosen:
-            walls, peaks = [], []
-            for run in range(args.runs):
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
+        digests: dict[str, dict[str, str]] = {}
+        for run in range(args.runs):
+            for name in chosen:
                 shutil.rmtree(out, ignore_errors=True)
-                wall, peak = measure(configs[name], env)
+                measured = measure(configs[name], env)
+                if run == 0 and name.startswith("stream"):
+                    digests[name] = shard_digests(out)
                 shutil.rmtree(out, ignore_errors=True)
-                walls.append(wall)
-                peaks.append(peak)
-                print(f"{model} {name} run {run + 1}: {wall:.1f}s, {peak / 1e9:.2f} GB", flush=True)
-            results[model][name] = {
-                "wall_s": statistics.median(walls),
-                "peak_rss_gb": statistics.median(peaks) / 1e9,
-                "walls": walls,  # type: ignore[dict-item]
-            }
+                runs[name].append(measured)
+                print(
+                    f"{model} {name} run {run + 1}: {measured['wall_s']:.1f}s wall, "
+                    f"{measured['cpu_s']:.1f}s cpu, {measured['peak_rss_gb']:.2f} GB, "
+                    f"load {measured['load']:.1f}",
+                    flush=True,
+                )
         largest = max(p.stat().st_size for p in base.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        results[model]["_model"] = {"largest_shard_gb": largest / 1e9, "total_gb": total / 1e9}
-    print(json.dumps({"machine": machine(), "results": results}, indent=2))
+        results[model] = {
+            "model": {"largest_shard_gb": largest / 1e9, "total_gb": total / 1e9},
+            "median": {
+                name: {
+                    key: statistics.median(r[key] for r in rs)
+                    for key in sorted({k for r in rs for k in r})
+                    if all(key in r for r in rs)
+                }
+                for name, rs in runs.items()
+            },
+            "runs": runs,
+            "stream_outputs_identical": len({json.dumps(d) for d in digests.values()}) <= 1,
+        }
+    document = {"machine": machine(), "command": " ".join(sys.argv), "results": results}
+    print(json.dumps(document, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps(document, indent=2))
     return 0
 
 
@@ -318,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dir", required=True)
     run.add_argument("--runs", type=int, default=3)
     run.add_argument("--models", nargs="+", default=list(MODELS))
-    run.add_argument(
-        "--configs", nargs="+", default=["copy", "stream-w1", "stream-w2", "peft"]
-    )
+    run.add_argument("--configs", nargs="+", default=["copy", "stream-w1", "stream-w2", "peft"])
     run.add_argument("--max-shard-size", default="800MB")
     run.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
 IMAGE=${IMAGE:-$(head -n1 "$HERE/IMAGE")}
-CACHE=${MERGEJOB_CACHE:-$HOME/.cache/mergejob}/image
+# shellcheck source=image/lib.sh
+. "$HERE/lib.sh"   # CACHE, FS, BUILDAH, store_setup
 SUITE=bookworm
 BASE_NAME=localhost/mergejob-base:$SUITE
 ROOTFS_TAR=$CACHE/rootfs-$SUITE-minbase.tar.gz
@@ -56,9 +57,6 @@ tested_torch() {
 }
 
 # ---------------------------------------------------------------- buildah helpers
-BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver vfs)
-export BUILDAH_ISOLATION=chroot
-
 ensure_tools() {
     local missing=()
     for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
@@ -100,7 +98,7 @@ make_rootfs() {
     mirror=${mirror:-http://deb.debian.org/debian}
     security=$(apt_uri_for "$SUITE-security")
     security=${security:-http://deb.debian.org/debian-security}
-    dir=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    dir=$(mktemp -d "$FS/tmp/rootfs.XXXXXX")
     # shellcheck disable=SC2064
     trap "umount '$dir/proc' 2>/dev/null || true; rm -rf '$dir'" EXIT
     log "debootstrap $SUITE (minbase) from $mirror"
@@ -145,6 +143,7 @@ EOF
 
 make_base() {
     ensure_tools buildah
+    store_setup
     # To refresh the base: rm "$ROOTFS_TAR" and `buildah rmi` it (or drop the cache folder).
     if "${BUILDAH[@]}" inspect --type image "$BASE_NAME" >/dev/null 2>&1; then
         log "base image present: $BASE_NAME"; return 0

@@ -31,7 +31,8 @@ ROOT=$(dirname "$HERE")
 FIXTURE=${1:?usage: image/test.sh FIXTURE [IMAGE]}
 FIXTURE=$(cd "$FIXTURE" && pwd)
 IMAGE=${2:-${IMAGE:-$(head -n1 "$HERE/IMAGE")}}
-CACHE=${MERGEJOB_CACHE:-$HOME/.cache/mergejob}/image
+# shellcheck source=image/lib.sh
+. "$HERE/lib.sh"   # CACHE, BUILDAH, store_setup
 HOST_MERGEJOB=${HOST_MERGEJOB:-$ROOT/.venv/bin/mergejob}
 PY=${PY:-$ROOT/.venv/bin/python}
 EXPECT_TORCH=${EXPECT_TORCH-$(sed -n 's/^# torch: *torch==//p' "$HERE/constraints.txt" | head -n1)}
@@ -59,8 +60,7 @@ if [ "${FORCE_BUILDAH:-}" != 1 ] && docker info >/dev/null 2>&1; then
     RT=docker
 else
     RT=buildah
-    BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver vfs)
-    export BUILDAH_ISOLATION=chroot
+    store_setup
 fi
 
 # The image's config as JSON (OCI image config: .config.Entrypoint, .config.User, ...).
@@ -213,26 +213,25 @@ else
 fi
 
 # ----------------------------------------------------------------------- 4. tokens, 5. test data
-FS=$(rt_rootfs "$CTR")
-token_files=$(grep -rlE 'hf_[A-Za-z0-9]{30,}' "$FS/root" "$FS/home" "$FS/cache" 2>/dev/null || true)
+ROOTFS=$(rt_rootfs "$CTR")
+token_files=$(grep -rlE 'hf_[A-Za-z0-9]{30,}' "$ROOTFS/root" "$ROOTFS/home" "$ROOTFS/cache" 2>/dev/null || true)
 check "no hf_ token in files under /root /home /cache" test -z "$token_files"
 show "$token_files"
-canary_files=$(grep -rlF "$CANARY" "$FS" "$WORK/out-image" 2>/dev/null || true)
+canary_files=$(grep -rlF "$CANARY" "$ROOTFS" "$WORK/out-image" 2>/dev/null || true)
 check "run-time token (canary) not written to the filesystem or the output" test -z "$canary_files"
 show "$canary_files"
-check "no /src in the image" test ! -e "$FS/src"
+check "no /src in the image" test ! -e "$ROOTFS/src"
 leaked=""
 if [ -d "$ROOT/tests" ]; then
-    while IFS= read -r -d '' f; do
-        rel=${f#"$ROOT/"}
-        hit=$(find "$FS" -path "*/$rel" -print -quit 2>/dev/null || true)
-        [ -n "$hit" ] && leaked="$leaked ${hit#"$FS"}"
-    done < <(find "$ROOT/tests" -type f -not -path '*/__pycache__/*' -print0)
+    (cd "$ROOT" && find tests -type f -not -path '*/__pycache__/*' | sed 's#^#/#') >"$WORK/test-files"
+    if [ -s "$WORK/test-files" ]; then
+        leaked=$( (cd "$ROOTFS" && find . -type f) | grep -F -f "$WORK/test-files" || true)
+    fi
 fi
 check "no file of tests/ in the image" test -z "$leaked"
 show "$leaked"
 check "no top-level tests package in the venv" \
-    test -z "$(find "$FS/opt/venv/lib" -maxdepth 3 -path '*/site-packages/tests' -print -quit)"
+    test -z "$(find "$ROOTFS/opt/venv/lib" -maxdepth 3 -path '*/site-packages/tests' -print -quit)"
 [ $RT = buildah ] && "${BUILDAH[@]}" umount "$CTR" >/dev/null
 
 echo

@@ -41,6 +41,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="check the job and print its plan; merge nothing",
     )
+    split = run.add_argument_group("one index of a merge split over workers (Indexed Job)")
+    split.add_argument(
+        "--index",
+        type=int,
+        metavar="I",
+        help="merge only the shards of index I (default: $JOB_COMPLETION_INDEX, which an "
+        "Indexed Job sets); index 0 then waits for the others and finalises",
+    )
+    split.add_argument(
+        "--index-count",
+        type=int,
+        metavar="N",
+        help="the number of indices (default: $MERGEJOB_INDEX_COUNT); without it, one "
+        "process merges everything",
+    )
+    split.add_argument(
+        "--finalize",
+        action="store_true",
+        help="only the finalising step: check every shard record, write the index, config, "
+        "tokenizer, card and recipe, commit (idempotent)",
+    )
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser(
@@ -120,8 +141,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     token = settings.hub_token()
     if args.dry_run:
         return print_plan(spec, as_json=False, token=token)
+    split = args.finalize or args.index is not None or args.index_count is not None
+    if split or os.environ.get("MERGEJOB_INDEX_COUNT"):
+        return run_split(args, spec, token)
     result = merge(spec, token=token)
     print(result.summary())
+    return EXIT_OK
+
+
+def run_split(args: argparse.Namespace, spec: MergeSpec, token: str | None) -> int:
+    """``mergejob run --index I --index-count N`` (or ``--finalize``): one index of a merge
+    split over workers, see :mod:`mergejob.distributed`."""
+    from mergejob import distributed
+
+    env_index, env_count = distributed.index_from_env()
+    index = args.index if args.index is not None else env_index
+    count = args.index_count if args.index_count is not None else env_count
+    if args.finalize:
+        result = distributed.finalize_job(spec, token=token, count=count)
+        print(result.summary() if result else "already finalised: nothing to do")
+        return EXIT_OK
+    index, count = distributed.check_index_args(index, count)
+    report = distributed.run_index(spec, index=index, count=count, token=token)
+    print(report.summary())
     return EXIT_OK
 
 

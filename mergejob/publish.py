@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergejob import settings
-from mergejob.errors import PublishError, TokenError
+from mergejob.errors import InputError, PublishError, TokenError
 from mergejob.spec import PublishSpec
 
 if TYPE_CHECKING:
@@ -649,6 +649,8 @@ def publish_folder(
     api = uploader.api
     try:
         names = publishable_files(folder)
+        if not names:
+            raise InputError(f"{folder}: no files to publish (is it the merged model's folder?)")
         submitted = uploader.submitted
         for name in names:
             path = folder / name
@@ -677,7 +679,7 @@ def publish_folder(
             for name in names:
                 if name.endswith(".safetensors"):
                     (folder / name).unlink(missing_ok=True)
-    except (TokenError, PublishError):
+    except (InputError, PublishError):
         raise
     except Exception as exc:
         raise _failure(f"publishing to {target.display}", exc, token, target) from None

@@ -142,13 +142,13 @@ def versions() -> dict[str, str]:
 
 def pinned_source(source: ResolvedSource, spec: Mapping[str, Any]) -> dict[str, Any]:
     """A spec entry that names exactly what was used: Hub commit, or absolute local path."""
-    pinned = dict(spec)
+    rest = {k: v for k, v in spec.items() if k not in ("path", "revision")}
     if source.commit:
-        pinned["revision"] = source.commit
+        pinned: dict[str, Any] = {"path": spec["path"], "revision": source.commit}
     else:
-        pinned["path"] = str(Path(source.local_dir).absolute())
-        pinned.pop("revision", None)
-    return pinned
+        pinned = {"path": str(Path(source.local_dir).absolute())}
+    # Keys in the spec's field order, so that a rerun's recipe and card match byte for byte.
+    return {**pinned, **rest}
 
 
 def source_record(role: str, source: ResolvedSource, patterns: Iterable[str]) -> dict[str, Any]:

@@ -348,6 +348,9 @@ def test_delete_uploaded_frees_each_shard_and_keeps_the_rest(
 def test_the_uploader_frees_disk_blocks_but_keeps_sizes(
     hub: SeededHubServer, tmp_path: Path
 ) -> None:
+    from mergejob.logs import setup_logging
+
+    setup_logging()  # log to this test's stderr
     target = check_access(PublishSpec(repo_id="org/merged"), token=hub.alice_token)
     files = []
     for i in range(3):

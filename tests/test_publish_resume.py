@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,9 +72,15 @@ def requested(hub: SeededHubServer, fragment: str) -> bool:
     return any(fragment in r.path for r in hub.requests)
 
 
-def receiving(hub: SeededHubServer, nbytes: int) -> bool:
-    """Whether the server holds a partly received upload of at least ``nbytes``."""
-    return any(p.stat().st_size >= nbytes for p in hub.store.incoming.iterdir() if p.is_file())
+def receiving(hub: SeededHubServer, low: int, high: int) -> bool:
+    """Whether the server is receiving an upload, with between ``low`` and ``high`` bytes in."""
+    sizes = []
+    for path in hub.store.incoming.iterdir():
+        try:
+            sizes.append(path.stat().st_size)
+        except FileNotFoundError:  # adopted meanwhile
+            continue
+    return any(low <= size <= high for size in sizes)
 
 
 def cut_uploads(hub: SeededHubServer) -> list[Any]:
@@ -84,7 +91,9 @@ def cut_uploads(hub: SeededHubServer) -> list[Any]:
 KILL_POINTS: dict[str, Callable[[SeededHubServer], bool]] = {
     "after-the-first-shard": lambda hub: puts_done(hub) >= 1,
     # Shards far larger than the socket buffers (a few MB), so that the kill cuts one.
-    "in-the-middle-of-a-shard": lambda hub: puts_done(hub) >= 1 and receiving(hub, 1_000_000),
+    "in-the-middle-of-a-shard": lambda hub: (
+        puts_done(hub) >= 1 and receiving(hub, 1_000_000, 4_000_000)
+    ),
     "before-the-commit": lambda hub: requested(hub, "/commit/"),
     "after-the-commit": lambda hub: requested(hub, "/paths-info/"),
 }
@@ -92,6 +101,22 @@ BIG = {"hidden_size": 1024, "intermediate_size": 2816}  # 50 MB in bfloat16
 SLOW = pytest.mark.slow
 
 
+@pytest.fixture
+def small_receive_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the server's TCP receive buffer small (no autotuning to tens of MB on loopback),
+    so that a killed client has most of a large shard still unsent."""
+    from tests.hubserver import server
+
+    setup = server._HubRequestHandler.setup
+
+    def small_setup(self: Any) -> None:
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+        setup(self)
+
+    monkeypatch.setattr(server._HubRequestHandler, "setup", small_setup)
+
+
+@pytest.mark.usefixtures("small_receive_buffers")
 @pytest.mark.parametrize(
     "point",
     [

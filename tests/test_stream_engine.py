@@ -72,9 +72,12 @@ def test_workers_1_2_3_write_identical_bytes(job: tuple[Path, list[Path]], tmp_p
     outputs = {}
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
-        report = merge_plan(plan, out, workers=workers)
+        seen: list[Path] = []
+        report = merge_plan(plan, out, workers=workers, on_shard_done=seen.append)
         assert report.extra["workers"] == workers
         assert report.extra["shards_merged"] == len(plan.shards)
+        # on_shard_done: every finished shard once, from whichever worker wrote it.
+        assert sorted(p.name for p in seen) == [s.name for s in plan.shards]
         outputs[workers] = _files(out)
     assert outputs[1] == outputs[2] == outputs[3]
     assert not (tmp_path / "w1" / RECORDS_DIR).exists()
@@ -155,17 +158,14 @@ def test_blas_sums_blocks_of_64_as_the_whole_product() -> None:
                 assert torch.equal(torch.mm(b, a[:, lo:hi]), full[:, lo:hi])
 
 
-def test_on_shard_done_sees_every_finished_shard(
+def test_on_shard_done_sees_every_finished_shard_in_order(
     job: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
     base, adapters = job
     plan = _plan(base, adapters)
-    seen: list[Path] = []
-    merge_plan(plan, tmp_path / "out", on_shard_done=seen.append)
-    assert [p.name for p in seen] == [s.name for s in plan.shards]
-    seen.clear()
-    merge_plan(plan, tmp_path / "out2", workers=2, on_shard_done=seen.append)
-    assert sorted(p.name for p in seen) == [s.name for s in plan.shards]
+    seen: list[tuple[str, bool]] = []
+    merge_plan(plan, tmp_path / "out", on_shard_done=lambda p: seen.append((p.name, p.is_file())))
+    assert seen == [(s.name, True) for s in plan.shards]
 
 
 def test_indexed_workers_then_finalize(job: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -225,7 +225,7 @@ import os, signal, sys
 import mergejob
 from mergejob.engines import safetensors_io
 
-kill_after = int(sys.argv[4])
+kill_after = int(sys.argv[3])
 finished = []
 close, submit = safetensors_io.ShardWriter.close, safetensors_io.ShardWriter.submit
 
@@ -243,8 +243,8 @@ safetensors_io.ShardWriter.close = counting_close
 safetensors_io.ShardWriter.submit = killing_submit
 spec = mergejob.MergeSpec.model_validate({
     "base": sys.argv[1],
-    "adapters": sys.argv[2].split(","),
-    "output": {"dir": sys.argv[3], "max_shard_size": "20KB"},
+    "adapters": sys.argv[4:],
+    "output": {"dir": sys.argv[2], "max_shard_size": "20KB"},
 })
 mergejob.merge(spec)
 """
@@ -262,7 +262,7 @@ def test_kill_9_mid_merge_then_rerun_redoes_only_unfinished_shards(
     script.write_text(textwrap.dedent(_KILL_SCRIPT))
     env = {**os.environ, "MERGEJOB_DISABLE_PROGRESS_BARS": "1"}
     done = subprocess.run(
-        [sys.executable, str(script), str(base), ",".join(map(str, adapters)), str(out), "3"],
+        [sys.executable, str(script), str(base), str(out), str(kill_after), *map(str, adapters)],
         cwd=ROOT,
         env=env,
         capture_output=True,

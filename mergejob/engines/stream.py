@@ -15,8 +15,8 @@ expressions whichever worker computes it.
 
 Each finished shard leaves a record (name, size, sha256, plan id) in the partial folder; a
 rerun after a crash skips shards whose record and checksum hold and redoes the rest.
-``on_shard_done(path)`` is called for every finished shard (resumed ones first), so a
-publisher can upload it while the next ones merge.
+``on_shard_done(path)`` is called for every finished shard (those an earlier run finished
+too), so a publisher can upload it while the next ones merge.
 
 CPU and GPU results agree byte for byte except in LoRA/DoRA tensors: cuBLAS orders the sums
 of a matrix product differently from the CPU's BLAS (TF32 is switched off, so the difference
@@ -86,6 +86,7 @@ def run_worker(
     on_shard_done: ShardCallback | None = None,
     progress: ProgressCallback | None = None,
     threads: int | None = None,
+    shards: Sequence[int] | None = None,
 ) -> WorkerReport:
     """Write the output shards of worker ``index`` of ``count`` into ``partial_dir``.
 
@@ -93,7 +94,9 @@ def run_worker(
     resumed); each shard written gets its record. ``on_shard_done`` gets the path of every
     finished shard; ``progress`` the number of output bytes done since its last call.
     ``threads`` is the torch thread count while it runs (default: the cores of this machine
-    but one, which the writer thread uses for hashing and writing).
+    but one, which the writer thread uses for hashing and writing). ``shards`` overrides
+    the assignment with an explicit list of shard indices (a pod's share split among its
+    GPUs: see :mod:`mergejob.distributed`).
 
     Example (pod ``i`` of an Indexed Job of ``n`` pods, on shared storage)::
 
@@ -103,7 +106,7 @@ def run_worker(
     partial_dir = Path(partial_dir)
     partial_dir.mkdir(parents=True, exist_ok=True)
     report = WorkerReport(index=index)
-    mine = assign_shards(plan.shard_sizes(), count)[index]
+    mine = list(shards) if shards is not None else assign_shards(plan.shard_sizes(), count)[index]
     computer = TensorComputer(device)
     with torch_threads(threads if threads is not None else cpu_threads(1)):
         _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress)
@@ -170,9 +173,12 @@ def write_shard(
 # Finishing the folder
 
 
-def finalize(plan: Plan, partial_dir: Path, *, verify_checksums: bool = True) -> list[ShardRecord]:
+def finalize(
+    plan: Plan, partial_dir: Path, *, verify_checksums: bool = True, keep_records: bool = False
+) -> list[ShardRecord]:
     """Check every shard's record, then write the index, config.json, tokenizer and
-    generation_config; the records are removed once everything is written.
+    generation_config; the records are removed once everything is written (unless
+    ``keep_records``: a finaliser that may be rerun removes them itself, last).
 
     Raises :class:`MergeFailedError` naming the shards that are missing or do not match
     their record (rerun their workers). ``verify_checksums`` re-reads every shard (use it
@@ -205,10 +211,13 @@ def finalize(plan: Plan, partial_dir: Path, *, verify_checksums: bool = True) ->
     else:
         (partial_dir / INDEX_FILE).unlink(missing_ok=True)
     write_config(plan, partial_dir)
+    for stray in partial_dir.glob(".*.tmp-*"):  # half-written shards of crashed workers
+        stray.unlink(missing_ok=True)
     tokenizer = Path(plan.tokenizer_from) if plan.tokenizer_from else None
     output.copy_tokenizer(tokenizer, partial_dir)
     output.copy_generation_config(Path(plan.base_dir), partial_dir)
-    shutil.rmtree(partial_dir / RECORDS_DIR, ignore_errors=True)
+    if not keep_records:
+        shutil.rmtree(partial_dir / RECORDS_DIR, ignore_errors=True)
     return records
 
 
@@ -438,6 +447,12 @@ def _worker_main(
 ) -> None:
     """A worker process: dies with its parent, reports progress and results on ``messages``."""
     _die_with_parent(parent)
+    progress = _Batched(lambda n: messages.put(("progress", n)))
+
+    def shard_done(path: Path) -> None:
+        progress.flush()
+        messages.put(("shard", str(path)))
+
     try:
         report = run_worker(
             plan,
@@ -445,9 +460,9 @@ def _worker_main(
             index=index,
             count=count,
             device=device,
-            on_shard_done=lambda path: messages.put(("shard", str(path))),
-            progress=lambda n: messages.put(("progress", n)),
-            threads=cpu_threads(count),
+            on_shard_done=shard_done,
+            progress=progress,
+            threads=cpu_threads(count) if device == "cpu" else None,
         )
         messages.put(("done", report))
     except BaseException as exc:
@@ -456,6 +471,27 @@ def _worker_main(
             error = MergeFailedError(f"stream worker {index}: {type(exc).__name__}: {exc}")
         messages.put(("error", index, error))
         sys.exit(1)
+
+
+class _Batched:
+    """Progress sent on at most every quarter second (each message costs the parent a wake)."""
+
+    def __init__(self, send: ProgressCallback) -> None:
+        self.send = send
+        self.pending = 0
+        self.last = time.monotonic()
+
+    def __call__(self, nbytes: int) -> None:
+        self.pending += nbytes
+        now = time.monotonic()
+        if now - self.last >= 0.25:
+            self.send(self.pending)
+            self.pending, self.last = 0, now
+
+    def flush(self) -> None:
+        if self.pending:
+            self.send(self.pending)
+            self.pending = 0
 
 
 def _die_with_parent(parent: int) -> None:

@@ -196,6 +196,14 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backoff-limit", type=int, metavar="N", help="retries of failures worth one (default 3)"
     )
+    for action in parser._actions:
+        if action.dest == "workers":  # the job flag: here it counts pods, not processes
+            action.metavar = "N"
+            action.help = (
+                "split the merge over N pods of an Indexed Job (stream engine; the output on "
+                "a ReadWriteMany --cache-pvc they share); with --local, N processes here. "
+                "Each pod runs one worker per visible GPU (--device cuda)"
+            )
     group.add_argument("--label", action="append", metavar="KEY=VALUE", default=None)
     group.add_argument(
         "--env", action="append", metavar="KEY=VALUE", default=None,
@@ -248,6 +256,7 @@ _OPTION_FLAGS = {
     "ttl_seconds_after_finished": "--ttl",
     "active_deadline_seconds": "--active-deadline",
     "backoff_limit": "--backoff-limit",
+    "workers": "--workers",
     "labels": "--label",
     "env": "--env",
 }
@@ -273,6 +282,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         "service_account_name": args.service_account,
         "active_deadline_seconds": args.active_deadline,
         "backoff_limit": args.backoff_limit,
+        "workers": getattr(args, "indices", None),
     }
     given = {key: value for key, value in given.items() if value is not None}
     if args.no_secret:
@@ -327,8 +337,14 @@ def job_from_args(args: argparse.Namespace) -> tuple[MergeSpec, LaunchOptions]:
     """The spec from the job flags and the options from the launch flags, both checked."""
     from mergejob.cli import spec_from_args
 
+    # On submit and render, --workers N is the number of indices (pods), not the spec's
+    # engine.workers (which each pod would multiply by N).
+    if getattr(args, "workers", None) is not None:
+        args.indices, args.workers = args.workers, None
     spec = spec_from_args(args)
     options = options_from_args(args)
+    if options.workers > 1:
+        check_split_job(spec, options, local=bool(getattr(args, "local", False)))
     if options.gpus and spec.engine.device == "cpu":
         log.warning(
             "--gpus %d but the spec's engine.device is cpu: the GPUs stay idle "
@@ -336,6 +352,30 @@ def job_from_args(args: argparse.Namespace) -> tuple[MergeSpec, LaunchOptions]:
             options.gpus,
         )
     return spec, options
+
+
+def check_split_job(spec: MergeSpec, options: LaunchOptions, *, local: bool) -> None:
+    """A merge split over pods needs the stream engine and storage every pod shares."""
+    if spec.engine.name != "stream":
+        raise SpecError(
+            f"--workers {options.workers}: needs the stream engine (--engine stream); the peft "
+            "engine spreads one pod's GPUs instead (--gpus N --device auto)"
+        )
+    if local:
+        return
+    if not options.cache_pvc:
+        raise SpecError(
+            f"--workers {options.workers}: the pods write one output together: name a "
+            "ReadWriteMany PersistentVolumeClaim with --cache-pvc CLAIM (mounted at /cache)"
+        )
+    out = spec.output.dir
+    if out and out.startswith("/") and not (out == "/cache" or out.startswith("/cache/")):
+        log.warning(
+            "--workers %d: output.dir %s is not under /cache (the shared PVC): every pod must "
+            "see the same folder there",
+            options.workers,
+            out,
+        )
 
 
 def objects_from_args(args: argparse.Namespace) -> JobObjects:

@@ -684,6 +684,19 @@ class PodReport:
 
 
 @dataclass
+class IndexState:
+    """One index of a merge split over an Indexed Job: its newest pod and how far it got."""
+
+    index: int | None
+    phase: str
+    pod: str
+    attempts: int = 1
+    failures: int = 0
+    progress: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
 class JobStatus:
     """What ``mergejob status`` prints (``--json``: this, as a dict)."""
 
@@ -703,6 +716,10 @@ class JobStatus:
     pending: str | None = None
     failed_pod: PodReport | None = None
     last_log_lines: list[str] = field(default_factory=list)
+    completions: int | None = None
+    completed_indexes: str | None = None
+    failed_indexes: str | None = None
+    indexes: list[IndexState] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -743,6 +760,24 @@ class JobStatus:
         if self.backoff_limit is not None:
             pods += f" (retries {self.retries} of {self.backoff_limit})"
         rows.append(("pods", pods))
+        if self.completions and self.completions > 1:
+            done = self.completed_indexes or ""
+            text = f"{self.completions} indices"
+            if done:
+                text += f", completed {done}"
+            if self.failed_indexes:
+                text += f", failed {self.failed_indexes}"
+            rows.append(("indices", text))
+            for state in self.indexes:
+                label = "?" if state.index is None else str(state.index)
+                line = f"  {label:>3}  {state.phase:<9} {state.pod}"
+                if state.attempts > 1:
+                    line += f" (attempt {state.attempts}, {state.failures} failed)"
+                if state.exit_code not in (None, 0):
+                    line += f", exit code {state.exit_code}"
+                if state.progress:
+                    line += f": {state.progress}"
+                rows.append(("", line))
         if self.progress:
             rows.append(("progress", self.progress))
         if self.pending:
@@ -892,7 +927,64 @@ def summarize(
     source = failed[-1] if report.phase == "Failed" and failed else newest
     if source is not None:
         report.progress = progress_from_log(logs.get(str(source.metadata.name), []))
+    completions = job.spec.completions if job.spec else None
+    if completions and completions > 1:
+        report.completions = completions
+        report.completed_indexes = status.completed_indexes
+        report.failed_indexes = status.failed_indexes
+        report.indexes = index_states(pods, logs)
+        finaliser = next((i for i in report.indexes if i.index == 0), None)
+        if finaliser is not None and finaliser.pod in logs:
+            report.progress = progress_from_log(logs[finaliser.pod])
     return report
+
+
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+_INDEX_LINE = re.compile(r"\bindex (\d+)/(\d+)(?::| done)")
+_INDEX_SHARD_LINE = re.compile(r"\bindex \d+/\d+: shard (\d+)/(\d+) done")
+
+
+def index_states(pods: list[k8s.V1Pod], logs: dict[str, list[str]]) -> list[IndexState]:
+    """Per index, its newest pod, attempts and progress. The index is the pod's
+    ``job-completion-index`` annotation, else the ``index i/n`` its log names (servers
+    before Indexed Jobs drop the annotation)."""
+    by_index: dict[int | None, list[tuple[k8s.V1Pod, str | None]]] = {}
+    for pod in pods:
+        lines = logs.get(str(pod.metadata.name), [])
+        raw = (pod.metadata.annotations or {}).get(COMPLETION_INDEX_ANNOTATION)
+        index = int(raw) if raw is not None and raw.isdigit() else None
+        progress = None
+        for line in lines:
+            match = _INDEX_LINE.search(line)
+            if match and index is None:
+                index = int(match.group(1))
+            shard = _INDEX_SHARD_LINE.search(line)
+            if shard:
+                progress = f"shard {shard.group(1)}/{shard.group(2)} done"
+            if "finaliser: waiting for" in line:
+                progress = "shards done; waiting for the other indices to finalise"
+            if re.search(r"index \d+/\d+ done", line):
+                progress = line.split("index", 1)[1].split(":", 1)[-1].strip() or "done"
+            if "merged model written to" in line or "published to" in line:
+                progress = "finalised: " + line.strip()
+        by_index.setdefault(index, []).append((pod, progress))
+    states = []
+    for index in sorted(by_index, key=lambda i: (i is None, i or 0)):
+        attempts = by_index[index]
+        pod, progress = attempts[-1]
+        report = pod_report(pod)
+        states.append(
+            IndexState(
+                index=index,
+                phase=report.phase,
+                pod=report.name,
+                attempts=len(attempts),
+                failures=sum(1 for p, _ in attempts if p.status and p.status.phase == "Failed"),
+                progress=progress,
+                exit_code=report.exit_code,
+            )
+        )
+    return states
 
 
 def job_status(cluster: Cluster, name: str, *, tail: int = 20) -> JobStatus:
@@ -903,6 +995,9 @@ def job_status(cluster: Cluster, name: str, *, tail: int = 20) -> JobStatus:
     logs: dict[str, list[str]] = {}
     failed = [p for p in pods if p.status and p.status.phase == "Failed"]
     wanted = {str(p.metadata.name): tail for p in failed[-1:]}
+    if job.spec and (job.spec.completions or 1) > 1:
+        # An Indexed Job: every pod's progress (and index, on servers that drop it).
+        wanted.update({str(p.metadata.name): max(tail, 400) for p in pods})
     if pods:
         # Progress needs the phase lines, which lie further back than the last few.
         wanted[str(pods[-1].metadata.name)] = max(tail, 400)

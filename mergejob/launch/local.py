@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -100,4 +101,45 @@ def run_local(
         )
         sys.stdout.flush()
         sys.stderr.flush()
+        count = objects.job.spec.completions or 1
+        if objects.job.spec.completion_mode == "Indexed" and count > 1:
+            return run_indexes(argv, env, count, cwd=cwd)
         return subprocess.run(argv, env=env, cwd=cwd, check=False).returncode
+
+
+def run_indexes(
+    argv: list[str],
+    env: Mapping[str, str],
+    count: int,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    poll_seconds: float = 0.2,
+) -> int:
+    """The pods of an Indexed Job as ``count`` processes here, each with its
+    ``JOB_COMPLETION_INDEX``. As ``maxFailedIndexes: 0`` does, the first index that fails
+    stops the others (index 0 would wait for it forever). Returns 0, 2 (bad input) or 1."""
+    processes = [
+        subprocess.Popen(argv, env={**env, "JOB_COMPLETION_INDEX": str(i)}, cwd=cwd)
+        for i in range(count)
+    ]
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < count:
+            for i, process in enumerate(processes):
+                code = process.poll()
+                if code is not None and i not in codes:
+                    codes[i] = code
+                    if code != 0:
+                        log.error("index %d exited with %d: stopping the other indices", i, code)
+                        return 2 if code == 2 else 1
+            time.sleep(poll_seconds)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return 0

@@ -162,6 +162,12 @@ class LaunchOptions(BaseModel):
     ttl_seconds_after_finished: int | None = Field(default=86400, ge=0)
     active_deadline_seconds: int | None = Field(default=None, gt=0)
     backoff_limit: int = Field(default=3, ge=0)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Pods of an Indexed Job, each merging its share of the shards into the "
+        "shared cache PVC; index 0 finalises (see mergejob/distributed.py).",
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra container env.")
     read_only_root_filesystem: bool = True
@@ -570,15 +576,24 @@ def build_job(
 
 
 def build_objects(spec: MergeSpec, options: LaunchOptions | None = None) -> JobObjects:
-    """The ConfigMap and the Job of a single-pod merge of ``spec``."""
+    """The ConfigMap and the Job of a merge of ``spec``: one pod, or with
+    ``options.workers`` N > 1 an Indexed Job of N pods (``mergejob run --index-count N``,
+    each pod's index from ``JOB_COMPLETION_INDEX``; index ``i`` retried on its own up to
+    ``backoff_limit`` times, any index that fails for good fails the Job)."""
     options = options or LaunchOptions()
     name = options.name or default_job_name(spec)
     config_map = build_config_map(spec, options, job_name=name)
+    shape: JobShape | None = None
+    args: list[str] | None = None
+    if options.workers > 1:
+        shape = JobShape.indexed_job(options.workers, backoff_limit_per_index=options.backoff_limit)
+        args = ["--index-count", str(options.workers)]
     template = build_pod_template(
-        spec, options, job_name=name, config_map=str(config_map.metadata.name)
+        spec, options, job_name=name, config_map=str(config_map.metadata.name), args=args
     )
     return JobObjects(
-        config_map=config_map, job=build_job(spec, options, name=name, template=template)
+        config_map=config_map,
+        job=build_job(spec, options, name=name, template=template, shape=shape),
     )
 
 
