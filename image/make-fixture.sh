@@ -3,7 +3,7 @@
 #   DEST/models/base        tiny Llama, bf16, sharded safetensors, with a tokenizer
 #   DEST/models/adapter-a   LoRA (q_proj, v_proj)
 #   DEST/models/adapter-b   LoRA (all attention projections), merged at weight 0.5
-#   DEST/config.yaml        the spec, with container paths (/models/..., /output)
+#   DEST/config.yaml        the spec, with container paths (/models/..., /output/merged)
 # Made with mergejob.fixtures in the project's venv; nothing is downloaded. Kept if present.
 #
 #   image/make-fixture.sh DEST          (PY: the venv's python, default .venv/bin/python)
@@ -36,7 +36,7 @@ make_adapter(base, models / "adapter-b", seed=2,
     "  - path: /models/adapter-b\n"
     "    weight: 0.5\n"
     "output:\n"
-    "  dir: /output\n"
+    "  dir: /output/merged\n"
     "  dtype: bfloat16\n"
     "  max_shard_size: 100KB\n"
 )

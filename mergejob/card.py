@@ -315,8 +315,8 @@ def card_spec(resolved_spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _revision_text(revision: str | None, commit: str | None) -> str:
-    if commit and revision and revision != commit:
-        return f"`{revision}` (`{commit[:12]}`)"
+    # The commit alone, not the branch that was asked for: a rerun from the recipe (pinned to
+    # the commit) then writes the same card.
     if commit:
         return f"`{commit[:12]}`"
     return f"`{revision}`" if revision else "local"

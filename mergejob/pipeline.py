@@ -148,7 +148,9 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
     if spec.output.dir is not None:
         out_dir = Path(spec.output.dir)
     elif target is not None:
-        out_dir = publish.default_local_dir(target)
+        from mergejob.publish import default_local_dir
+
+        out_dir = default_local_dir(target)
     else:
         raise InputError("output.dir: required unless publish.repo_id is set")
     output.check_output_dir(out_dir, overwrite=spec.output.overwrite or temporary)
@@ -159,6 +161,7 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
     partial = output.open_partial(out_dir, resume=resumable)
     uploader = start_uploader(spec, target, token) if target is not None else None
     published: PublishResult | None = None
+    complete = False  # the output folder is finished; only publishing is left
     try:
         with timings.phase("merge", engine=spec.engine.name):
             report = run_engine(job, partial, on_shard_done=uploader)
@@ -169,6 +172,7 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
                 job, partial, report, repo_id=target.repo_id if target else None, token=token
             )
         write_recipe(job, partial, report, timings)
+        complete = True
         if target is not None:
             with timings.phase("publish", repo=target.display):
                 published = publish_output(job, partial, target, uploader, token)
@@ -180,14 +184,14 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
             final = output.commit_partial(out_dir)
             files = sorted(p.name for p in final.iterdir())
     except BaseException as exc:
-        if resumable and not isinstance(exc, InputError | MergeFailedError):
+        if resumable and (complete or not isinstance(exc, InputError | MergeFailedError)):
             log.warning("kept %s: rerun the same job to resume from its finished shards", partial)
         else:
             output.discard_partial(out_dir)
         raise
     finally:
         if uploader is not None:
-            uploader.close()
+            uploader.close(wait=False)
     return MergeResult(
         output_dir=final,
         engine=report,
@@ -307,7 +311,9 @@ def write_card(
 
 def start_uploader(spec: MergeSpec, target: HubTarget, token: str | None) -> ShardUploader:
     """The background uploader the engine hands each finished shard to. With
-    ``delete_uploaded``, at most two finished shards wait for it (disk use stays bounded)."""
+    ``delete_uploaded``, at most two finished shards wait for it (disk use stays bounded;
+    with several local workers the bound holds for the shards they report, not for those
+    they are still writing)."""
     from mergejob import publish
 
     token = publish.resolve_token(token)

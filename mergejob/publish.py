@@ -558,12 +558,13 @@ class ShardUploader:
         """Bytes of the files on the Hub so far (whether sent now or found there)."""
         return self.progress.done
 
-    def close(self) -> None:
-        """Stop: cancel uploads not started, wait for those running, close the bar."""
+    def close(self, *, wait: bool = True) -> None:
+        """Stop: cancel uploads not started, wait for those running (unless ``wait`` is
+        false, on the way out of a failure), close the bar."""
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self.progress.close()
         self._quiet.__exit__(None, None, None)
 

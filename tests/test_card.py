@@ -71,9 +71,7 @@ def test_every_output_has_a_card_that_modelcard_loads(inputs, tmp_path: Path) ->
     assert "```yaml\nbase:\n" in text and str(out) not in text
 
 
-def test_the_base_card_license_language_and_tags_are_carried_over(
-    inputs, tmp_path: Path
-) -> None:
+def test_the_base_card_license_language_and_tags_are_carried_over(inputs, tmp_path: Path) -> None:
     out = merge(inputs["carded"], [str(inputs["a"])], tmp_path / "out")
     data = ModelCard.load(out / "README.md").data
     assert data.license == "llama3.1"

@@ -39,7 +39,9 @@ def seed_hub(hub: SeededHubServer, models: Any, **shape: Any) -> dict[str, Path]
     for name, folder in folders.items():
         api.create_repo(f"org/{name}", exist_ok=True)
         api.upload_folder(repo_id=f"org/{name}", folder_path=folder)
-    api.upload_file(path_or_fileobj=BASE_CARD.encode(), path_in_repo="README.md", repo_id="org/base")
+    api.upload_file(
+        path_or_fileobj=BASE_CARD.encode(), path_in_repo="README.md", repo_id="org/base"
+    )
     hub.clear_requests()
     return folders
 
@@ -129,9 +131,7 @@ def test_push_to_hub_publishes_every_file_byte_equal_to_a_local_merge(
     assert model.config.model_type == "llama"
 
 
-def test_without_local_dir_the_local_copy_is_temporary(
-    hub: SeededHubServer, run_cli: CLI
-) -> None:
+def test_without_local_dir_the_local_copy_is_temporary(hub: SeededHubServer, run_cli: CLI) -> None:
     from huggingface_hub import constants
 
     code, out, err = run_cli(*merge_args("--push_to_hub"))
@@ -166,9 +166,7 @@ def test_create_pr_opens_a_pull_request(hub: SeededHubServer, run_cli: CLI) -> N
     assert api.list_repo_commits("org/merged", revision="refs/pr/1")[0].title == "v2"
 
 
-def test_a_private_repo_is_not_readable_by_another_user(
-    hub: SeededHubServer, run_cli: CLI
-) -> None:
+def test_a_private_repo_is_not_readable_by_another_user(hub: SeededHubServer, run_cli: CLI) -> None:
     code, _, err = run_cli(*merge_args("--push_to_hub", "--private"))
     assert code == 0, err
     assert HfApi(token=hub.alice_token).model_info("org/merged").private
@@ -269,9 +267,7 @@ def test_transient_failures_are_retried_and_nothing_goes_up_twice(
     assert len(commits(hub)) == 2  # the initial one and ours
 
 
-def test_a_commit_whose_reply_is_lost_is_not_made_twice(
-    hub: SeededHubServer, run_cli: CLI
-) -> None:
+def test_a_commit_whose_reply_is_lost_is_not_made_twice(hub: SeededHubServer, run_cli: CLI) -> None:
     hub.drop(r"/commit/", where="response", method="POST")
     code, _, err = run_cli(*merge_args("--push_to_hub"))
     assert code == 0, err

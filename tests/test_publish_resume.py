@@ -169,7 +169,10 @@ def test_a_killed_publish_resumes_without_uploading_anything_twice(
     snapshot = Path(snapshot_download("org/merged", token=hub.alice_token))
     recipe = yaml.safe_load((snapshot / "mergejob.yaml").read_text())
     outputs = recipe["recipe"]["outputs"]
-    files = {p.name for p in snapshot.iterdir() if p.is_file()} - {"mergejob.yaml", ".gitattributes"}
+    files = {p.name for p in snapshot.iterdir() if p.is_file()} - {
+        "mergejob.yaml",
+        ".gitattributes",
+    }
     assert files == set(outputs)
     for name in files:
         assert hashlib.sha256((snapshot / name).read_bytes()).hexdigest() == outputs[name], name

@@ -121,19 +121,10 @@ def test_hub_inputs_are_pinned_to_their_commit(models, hub_env, tmp_path: Path) 
     data.pop("recipe")
     mergejob.merge(mergejob.MergeSpec.model_validate(data), token=hub_env.alice_token)
     first, second = model_files(out), model_files(again)
-    card_first, card_second = first.pop("README.md"), second.pop("README.md")
-    assert second == first
-    # The model card names the branch asked for next to its commit ("`main` (`daa2...`)");
-    # the rerun asks for the commit itself. See the xfail below.
-    assert f"`main` (`{commit[:12]}`)".encode() in card_first
-    assert f"`{commit[:12]}`".encode() in card_second
+    assert second == first  # the model card included: it names the commit, not the branch
+    assert f"`{commit[:12]}`".encode() in first["README.md"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="card.py writes the requested branch next to the commit; a rerun from the recipe "
-    "(pinned to the commit) writes a different README.md. Fix in card.py, then drop this mark.",
-)
 def test_hub_rerun_writes_the_same_model_card(models, hub_env, tmp_path: Path) -> None:
     from huggingface_hub import HfApi
 
