@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_overlap.py make --dir /tmp/mergejob-overlap
     .venv/bin/python bench/bench_overlap.py run --dir /tmp/mergejob-overlap --runs 3
 
-``make`` writes a TinyLlama-width fp16 base (8 layers, about 1 GB, in 100 MB shards) and the
-three LoRA adapters of ``bench_stream.py``. ``run`` measures, each as a whole process:
+``make`` writes a TinyLlama-width fp16 base (24 layers, about 2.4 GB, in 100 MB shards) and
+the three LoRA adapters of ``bench_stream.py``. ``run`` measures, each as a whole process:
 
 - ``merge``: ``mergejob merge`` into a folder (stream engine, 100 MB output shards);
 - ``upload``: uploading that folder with huggingface_hub's ``upload_folder`` (what ``hf upload``
@@ -39,7 +39,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-LAYERS = 8
+LAYERS = 24
 TOKEN = "hf_bench_overlap_token"
 REPO = "bench/merged"
 
@@ -55,12 +55,12 @@ def cmd_make(args: argparse.Namespace) -> int:
     work = Path(args.dir)
     base = work / "base"
     if not (base / "model.safetensors.index.json").is_file():
-        print(f"making {base} ({LAYERS} layers)", flush=True)
-        bench_stream.make_base(base, LAYERS, args.shard_bytes)
+        print(f"making {base} ({args.layers} layers)", flush=True)
+        bench_stream.make_base(base, args.layers, args.shard_bytes)
     for seed, (name, spec) in enumerate(bench_stream.ADAPTERS.items(), start=1):
         adapter = work / name
         if not (adapter / "adapter_model.safetensors").is_file():
-            bench_stream.make_adapter(adapter, base, LAYERS, spec, seed)
+            bench_stream.make_adapter(adapter, base, args.layers, spec, seed)
     return 0
 
 
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     make = sub.add_parser("make", help="write the fixtures")
     make.add_argument("--dir", required=True)
     make.add_argument("--shard-bytes", type=int, default=100_000_000)
+    make.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (88 MB each)")
     serve = sub.add_parser("serve", help="(internal) a throttled Hub test server")
     serve.add_argument("--data", required=True)
     serve.add_argument("--rate", type=float, default=0.0)

@@ -70,6 +70,15 @@ def make_dora(source: Path, dest: Path) -> None:
     save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def _measure(bench: Any, command: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS bytes of the process tree, load average at the start)."""
+    measured = bench.measure(command, env)
+    if isinstance(measured, dict):
+        return measured["wall_s"], measured["peak_rss_gb"] * 1e9, measured.get("load", -1.0)
+    wall, peak = measured
+    return wall, peak, os.getloadavg()[0]
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     bench = _bench_stream()
     work = Path(args.dir)
@@ -95,13 +104,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         )  # fmt: skip
         engine = "peft" if "peft" in flags else "stream"
         estimate = next(m for m in plan["memory"] if m["engine"] == engine)["host_bytes"]
-        walls, peaks = [], []
+        walls, peaks, loads = [], [], []
         for _ in range(args.runs):
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak = bench.measure([python, "-m", "mergejob.cli", "merge", *job], env)
+            wall, peak, load = _measure(bench, [python, "-m", "mergejob.cli", "merge", *job], env)
             shutil.rmtree(out, ignore_errors=True)
             walls.append(wall)
             peaks.append(peak)
+            loads.append(load)
         peak = statistics.median(peaks)
         row = {
             "job": name,
@@ -111,6 +121,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             "within_25pct": abs(estimate / peak - 1) <= 0.25,
             "estimated_s": round(plan["seconds"][engine], 1),
             "measured_s": round(statistics.median(walls), 1),
+            "load_average": round(max(loads), 1),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -187,7 +198,7 @@ def _base_rss() -> float:
     try:
         command = [python, "-m", "mergejob.cli", "merge", "--base", str(tmp / "b"),
                    "--adapters", str(tmp / "a"), "--output_dir", str(tmp / "o")]  # fmt: skip
-        return float(bench.measure(command, env)[1])
+        return _measure(bench, command, env)[1]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,6 +23,7 @@
 #   LOCAL_FIND_LINKS wheel folders bind-mounted for pip  (buildah; default: /opt/wheels)
 #   LOCAL_INDEXES    folders holding simple/ indexes, bind-mounted for pip
 #                                              (buildah; default: /opt/pypi /opt/pypi-more)
+#   IMAGE_STORAGE_DRIVER  vfs (default) or overlay, for buildah (see image/lib.sh)
 #   FORCE_DOCKER=1 / FORCE_BUILDAH=1           pick the builder explicitly
 set -euo pipefail
 
@@ -47,7 +48,7 @@ print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])
 EOF
 )
 VERSION=${VERSION:-${IMAGE##*:}}
-REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+REVISION=${REVISION:-$(git -C "$ROOT" rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 SOURCE=${IMAGE_SOURCE:-https://github.com/mergejob/mergejob}
 CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 

@@ -1,8 +1,10 @@
 # shellcheck shell=bash
 # Shared by image/build.sh and image/test.sh: the cache folder and the buildah setup.
 #
-# buildah keeps its own storage (vfs driver, chroot isolation) under the cache folder:
-#   $CACHE/fs/storage   --root        $CACHE/run   --runroot
+# buildah keeps its own storage (chroot isolation) under the cache folder:
+#   $CACHE/fs/storage[-DRIVER]  --root     $CACHE/run[-DRIVER]  --runroot
+# IMAGE_STORAGE_DRIVER: vfs (default; works anywhere) or overlay (kernel overlayfs, needs
+# root; each build step then stores only its changes instead of a copy of the whole tree).
 # The vfs driver copies the whole image tree for every build step and deletes those copies
 # afterwards. On a filesystem mounted with "discard" (as this machine's / is) each deleted
 # file costs a synchronous discard on the virtual disk: a build spends ~10 minutes just
@@ -13,8 +15,10 @@
 
 CACHE=${MERGEJOB_CACHE:-$HOME/.cache/mergejob}/image
 FS=$CACHE/fs
+DRIVER=${IMAGE_STORAGE_DRIVER:-vfs}
+_sfx=${DRIVER#vfs}; _sfx=${_sfx:+-$_sfx}
 # shellcheck disable=SC2034  # used by the scripts that source this file
-BUILDAH=(buildah --root "$FS/storage" --runroot "$CACHE/run" --storage-driver vfs)
+BUILDAH=(buildah --root "$FS/storage$_sfx" --runroot "$CACHE/run$_sfx" --storage-driver "$DRIVER")
 export BUILDAH_ISOLATION=chroot
 
 _lib_log() { printf '[image] %s\n' "$*" >&2; }
@@ -44,7 +48,7 @@ store_setup() {
             _lib_log "could not loop-mount $img; buildah storage stays on the plain folder (slow deletes)"
         fi
     fi
-    mkdir -p "$FS/storage" "$FS/tmp" "$CACHE/run"
+    mkdir -p "$FS/storage$_sfx" "$FS/tmp" "$CACHE/run$_sfx"
 }
 
 store_unmount() {

@@ -66,15 +66,16 @@ T = TypeVar("T")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Organisation roles that may create and write repos (the server has the last word).
 WRITE_ROLES = frozenset({"admin", "write", "contributor"})
-# Remote files that belong to a model's weights: those the new output lacks are deleted in
-# the commit, so a republish with fewer shards leaves no stale shard behind.
+# Top-level remote files that hold a transformers model's weights: those the new output lacks
+# are deleted in the commit, so a republish with fewer shards leaves no stale shard behind
+# (other files of the repo, in folders or not, are left alone).
 WEIGHT_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.bin",
-    "*.bin.index.json",
-    "*.pt",
-    "*.pth",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "pytorch_model.bin.index.json",
 )
 # Files at least this large go through the background uploader (one byte bar, in parallel);
 # smaller ones ride in the commit.
@@ -300,7 +301,7 @@ def _may_write(
                 continue
             if entity.get("name") in {namespace, repo_id}:
                 return True
-        return False
+        return None  # its permission names may differ: the commit probe decides
     if namespace == me.get("name"):
         return True
     for org in me.get("orgs") or []:
@@ -745,7 +746,9 @@ def _stale_weight_files(
     return sorted(
         path
         for path in remote
-        if path not in keep and any(fnmatch.fnmatch(path, p) for p in WEIGHT_PATTERNS)
+        if path not in keep
+        and "/" not in path
+        and any(fnmatch.fnmatch(path, p) for p in WEIGHT_PATTERNS)
     )
 
 

@@ -250,6 +250,16 @@ class PublishSpec(_Strict):
         default=False, description="Delete each local shard once it is on the Hub."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data:
+            raise ValueError(
+                "token: never in the spec (the spec is written to the recipe and the model "
+                "card); set HF_TOKEN, or HF_TOKEN_PATH to a file holding it"
+            )
+        return data
+
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, value: str) -> str:

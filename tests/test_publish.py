@@ -386,3 +386,30 @@ def test_publish_flags_without_push_to_hub_are_refused(run_cli: CLI, tmp_path: P
     assert code == 2 and "give the Hub repo id as --output_dir" in err
     code, _, err = run_cli(*merge_args("--push_to_hub", out="./not a repo"))
     assert code == 2 and "not a Hub repo id" in err
+
+
+def test_a_token_in_the_spec_is_refused_without_echoing_it() -> None:
+    from mergejob.errors import SpecError
+    from mergejob.spec import build_spec
+
+    spec = {"base": "org/base", "adapters": ["org/a"]}
+    with pytest.raises(SpecError) as error:
+        build_spec({**spec, "publish": {"repo_id": "org/m", "token": "hf_secret_value"}})
+    assert "HF_TOKEN" in str(error.value) and "hf_secret_value" not in str(error.value)
+
+
+def test_write_rights_are_read_from_whoami() -> None:
+    from mergejob.publish import _may_write
+
+    me = {"name": "alice", "orgs": [{"name": "org", "roleInOrg": "write"}, {"name": "ro"}]}
+    classic = {"role": "write"}
+    assert _may_write(me, classic, "alice", "alice/m") is True
+    assert _may_write(me, classic, "org", "org/m") is True
+    assert _may_write(me, classic, "ro", "ro/m") is None  # role unknown: the probe decides
+    assert _may_write(me, classic, "other", "other/m") is False
+    scoped = {
+        "role": "fineGrained",
+        "fineGrained": {"scoped": [{"entity": {"name": "org"}, "permissions": ["repo.write"]}]},
+    }
+    assert _may_write(me, scoped, "org", "org/m") is True
+    assert _may_write(me, scoped, "alice", "alice/m") is None

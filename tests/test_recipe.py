@@ -123,22 +123,3 @@ def test_hub_inputs_are_pinned_to_their_commit(models, hub_env, tmp_path: Path) 
     first, second = model_files(out), model_files(again)
     assert second == first  # the model card included: it names the commit, not the branch
     assert f"`{commit[:12]}`".encode() in first["README.md"]
-
-
-def test_hub_rerun_writes_the_same_model_card(models, hub_env, tmp_path: Path) -> None:
-    from huggingface_hub import HfApi
-
-    base = models.base()
-    adapter = models.adapter(base)
-    api = HfApi(token=hub_env.alice_token)
-    for repo, folder in (("alice/base", base), ("alice/adapter", adapter)):
-        api.create_repo(repo)
-        api.upload_folder(repo_id=repo, folder_path=str(folder))
-    out, again = tmp_path / "out", tmp_path / "again"
-    spec = {"base": "alice/base@main", "adapters": ["alice/adapter"], "output": {"dir": str(out)}}
-    mergejob.merge(mergejob.MergeSpec.model_validate(spec), token=hub_env.alice_token)
-    data = yaml.safe_load((out / RECIPE_FILE).read_text())
-    data["output"]["dir"] = str(again)
-    data.pop("recipe")
-    mergejob.merge(mergejob.MergeSpec.model_validate(data), token=hub_env.alice_token)
-    assert (again / "README.md").read_bytes() == (out / "README.md").read_bytes()

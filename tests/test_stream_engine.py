@@ -28,6 +28,8 @@ from mergejob.plan import build_plan
 from mergejob.shards import RECORDS_DIR, assign_shards, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
+# A model wide enough for LoRA products to be split into several blocks of 64 rows.
+WIDE = {"hidden_size": 256, "intermediate_size": 320, "vocab_size": 300, "num_layers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +97,17 @@ def test_pipeline_runs_workers_and_layout_does_not_depend_on_them(
     assert "model.safetensors.index.json" in one.files
 
 
-def test_torch_thread_count_does_not_change_bytes(
-    job: tuple[Path, list[Path]], tmp_path: Path
-) -> None:
-    base, adapters = job
-    plan = _plan(base, adapters)
-    for threads in (1, 2):
-        run_worker(plan, tmp_path / f"t{threads}", threads=threads)
-    names = [s.name for s in plan.shards]
-    for name in names:
-        assert (tmp_path / "t1" / name).read_bytes() == (tmp_path / "t2" / name).read_bytes()
+def test_compute_lanes_do_not_change_bytes(models: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Blocks computed by 1 or 3 threads at once, in any order, give the same bytes."""
+    base = models.base(family="llama", dtype=torch.bfloat16, seed=8, **WIDE)
+    adapter = models.adapter(base, target_modules="all-linear", r=8, seed=27)
+    plan = _plan(base, [adapter], shard=10**9)
+    monkeypatch.setattr(stream_compute, "CHUNK_BYTES", 100)  # blocks of 64 rows
+    assert any(len(stream_compute.row_blocks(*t.shape)) > 2 for t in plan.tensors if t.changed)
+    for lanes in (1, 3):
+        run_worker(plan, tmp_path / f"t{lanes}", threads=lanes)
+    name = plan.shards[0].name
+    assert (tmp_path / "t1" / name).read_bytes() == (tmp_path / "t3" / name).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -119,7 +122,7 @@ def test_row_blocks_give_the_bytes_of_whole_tensors(
 ) -> None:
     """LoRA is applied to row blocks; any block size gives the bytes of the whole product
     (which is PEFT's own call, see test_stream_fidelity)."""
-    shape = {"hidden_size": 256, "intermediate_size": 320, "vocab_size": 300, "num_layers": 1}
+    shape = dict(WIDE)
     if family == "gpt2":
         shape.pop("intermediate_size")
     base = models.base(family=family, dtype=torch.float16, seed=8, **shape)

@@ -95,16 +95,21 @@ def read_tensor_refs(path: Path) -> dict[str, TensorRef]:
 
 
 class FileReader:
-    """Reads byte ranges of files with ``pread``, keeping each file open once."""
+    """Reads byte ranges of files with ``pread``, keeping each file open once (thread-safe:
+    ``pread`` has no shared file position)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    self._fds[path] = fd
         return fd
 
     def read_into(self, path: str, offset: int, out: memoryview) -> None:

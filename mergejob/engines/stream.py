@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 import queue
@@ -93,8 +94,9 @@ def run_worker(
     Shards with a record of this plan whose checksum holds are skipped (and reported as
     resumed); each shard written gets its record. ``on_shard_done`` gets the path of every
     finished shard; ``progress`` the number of output bytes done since its last call.
-    ``threads`` is the torch thread count while it runs (default: the cores of this machine
-    but one, which the writer thread uses for hashing and writing). ``shards`` overrides
+    ``threads`` is how many blocks are computed at once on CPU (default: this machine's
+    cores); each runs torch single-threaded (coarse blocks in threads beat torch's own
+    threads, whose per-op synchronisation costs more than it brings on small machines). ``shards`` overrides
     the assignment with an explicit list of shard indices (a pod's share split among its
     GPUs: see :mod:`mergejob.distributed`).
 
@@ -107,8 +109,9 @@ def run_worker(
     partial_dir.mkdir(parents=True, exist_ok=True)
     report = WorkerReport(index=index)
     mine = list(shards) if shards is not None else assign_shards(plan.shard_sizes(), count)[index]
-    computer = TensorComputer(device)
-    with torch_threads(threads if threads is not None else cpu_threads(1)):
+    lanes = threads if threads is not None else cpu_threads(1)
+    computer = TensorComputer(device, lanes=lanes)
+    with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
         _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress)
     return report
 
@@ -206,7 +209,7 @@ def finalize(
         )
     if len(plan.shards) > 1:
         weight_map = {t.name: shard.name for shard in plan.shards for t in shard.tensors}
-        params = sum(_numel(t.shape) for t in plan.tensors)
+        params = sum(math.prod(t.shape) for t in plan.tensors)
         write_index(partial_dir, weight_map, plan.output_bytes, params)
     else:
         (partial_dir / INDEX_FILE).unlink(missing_ok=True)
@@ -235,13 +238,6 @@ def write_config(plan: Plan, out_dir: Path) -> None:
         if key in config or not isinstance(text, dict):
             config[key] = value
     output.write_json(Path(out_dir) / "config.json", config)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def clean_partial(plan: Plan, partial_dir: Path) -> None:
@@ -367,11 +363,9 @@ def merge_with_stream(
 
 
 def cpu_threads(workers: int) -> int:
-    """Torch threads per worker: the cores shared among the workers, less one each for the
-    thread that hashes and writes (measured on 2 cores: one torch thread per worker beats
-    two, whose synchronisation costs more than the second core brings)."""
+    """Compute lanes per worker: this machine's cores shared among ``workers``."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers) - 1)
+    return max(1, (cores or 1) // max(1, workers))
 
 
 @contextlib.contextmanager

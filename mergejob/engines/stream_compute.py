@@ -7,7 +7,7 @@ dominate on small machines):
 - unchanged, same dtype: the stored bytes, read and handed on untouched;
 - unchanged, other dtype: converted chunk by chunk;
 - changed: rows read into an fp32 buffer (``W32 = W.float()``), every op applied in order
-  (a replacing tensor; LoRA ``W32 += coef * (B @ A)``, transposed for Conv1D and
+  (a replacing tensor; LoRA ``W32 += (B @ A) * coef``, transposed for Conv1D and
   embeddings; DoRA with PEFT's formula on the current ``W32``), rounded once to the output
   dtype and checked for NaN/inf.
 
@@ -19,17 +19,23 @@ block it is in, provided no block is thinner than ``MIN_BLOCK`` (BLAS switches k
 very thin products). DoRA needs norms over whole rows or columns and is applied to the
 whole tensor at once.
 
-Output bytes are handed over in buffers of a :class:`BufferRing`: the shard writer hashes
-and writes one buffer in its own thread while the next one is computed.
+Row blocks are independent, so ``lanes`` threads compute the next blocks while one is
+written (torch runs single-threaded in each: coarse blocks in threads beat torch's own
+threads, whose per-op synchronisation costs more than it brings on small machines). Output
+bytes are handed over in buffers of a :class:`BufferRing`: the shard writer hashes and
+writes them in its own thread, in order.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import math
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +50,7 @@ CHUNK_BYTES = 2**20  # fp32 bytes of rows worked on at once (cache-sized)
 # block is summed as in the whole product (checked on thousands of shapes; see the tests).
 MIN_BLOCK = 64
 COPY_BYTES = 16 * 2**20  # bytes read per step when copying unchanged tensors
-RING_SLOTS = 4
+RING_SLOTS = 4  # buffers between computing and writing, besides one per lane
 
 
 def rounding_limit(dtype: torch.dtype) -> float:
@@ -94,19 +100,27 @@ class TensorComputer:
         self,
         device: str | torch.device = "cpu",
         *,
+        lanes: int = 1,
         reader: FileReader | None = None,
-        ring: BufferRing | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             # Full fp32 products: TF32 would change far more than the last bit.
             torch.backends.cuda.matmul.allow_tf32 = False
+            lanes = 1
+        self.lanes = max(1, lanes)
         self.reader = reader or FileReader()
-        self.ring = ring or BufferRing()
+        self.ring = BufferRing(RING_SLOTS + self.lanes)
         self._buffers: dict[str, torch.Tensor] = {}
         self._factors: dict[tuple[str, int], torch.Tensor] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        if self.lanes > 1:
+            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="mergejob-lane")
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.reader.close()
         self._buffers.clear()
         self._factors.clear()
@@ -114,8 +128,8 @@ class TensorComputer:
     # -- buffers ---------------------------------------------------------------------------
 
     def _buffer(self, name: str, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A reused byte buffer of at least ``nbytes`` (grown, never shrunk)."""
-        key = f"{name}@{device}"
+        """A reused byte buffer of at least ``nbytes`` (grown, never shrunk), one per thread."""
+        key = f"{name}@{device}#{threading.get_ident()}"
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
@@ -193,27 +207,52 @@ class TensorComputer:
         rows, cols = _rows_and_cols(tensor.shape)
         whole = any(op.kind == "dora" for op in tensor.ops)
         blocks = [(0, rows)] if whole else row_blocks(rows, cols)
+        for op in tensor.ops:  # loaded once, here; the lanes only read them
+            for ref in (op.a, op.b, op.magnitude):
+                if ref is not None:
+                    self._factor(ref)
+        if self._pool is None or len(blocks) == 1:
+            for row0, row1 in blocks:
+                yield self._merge_block(tensor, row0, row1, cols)
+            return
+        # Blocks are independent: the lanes compute the next ones while this one is written.
+        pending: collections.deque[Future[Chunk]] = collections.deque()
+        queued = iter(blocks)
+        try:
+            for row0, row1 in itertools.islice(queued, self.lanes):
+                pending.append(self._pool.submit(self._merge_block, tensor, row0, row1, cols))
+            while pending:
+                chunk = pending.popleft().result()
+                following = next(queued, None)
+                if following is not None:
+                    pending.append(self._pool.submit(self._merge_block, tensor, *following, cols))
+                yield chunk
+        finally:
+            for future in pending:  # abandoned (an error downstream): give their slots back
+                with contextlib.suppress(BaseException):
+                    self.ring.release(future.result().slot)
+
+    def _merge_block(self, tensor: OutputTensor, row0: int, row1: int, cols: int) -> Chunk:
+        """Rows ``row0:row1`` of a changed tensor: read, every op in fp32, rounded once."""
         out_dtype = getattr(torch, tensor.dtype)
+        w32 = self._typed("w32", torch.float32, (row1 - row0, cols), self.device)
+        if tensor.source is not None:
+            w32.copy_(self._read_rows(tensor.source, row0, row1, cols))
+        for op in tensor.ops:
+            self._apply(op, w32, row0, row1, cols)
         limit = rounding_limit(out_dtype)
-        cpu = self.device.type == "cpu"
-        for row0, row1 in blocks:
-            w32 = self._typed("w32", torch.float32, (row1 - row0, cols), self.device)
-            if tensor.source is not None:
-                w32.copy_(self._read_rows(tensor.source, row0, row1, cols))
-            for op in tensor.ops:
-                self._apply(op, w32, row0, row1, cols)
-            low, high = torch.aminmax(w32)  # NaN propagates; inf and overflow show here
-            if not (-limit < float(low) and float(high) < limit):
-                raise MergeFailedError(_nan_message(tensor, float(low), float(high)))
-            slot, raw = self.ring.acquire((row1 - row0) * cols * _itemsize(out_dtype))
-            out = raw.view(out_dtype).view(row1 - row0, cols)
-            if cpu:
-                out.copy_(w32)
-            else:
-                rounded = self._typed("out-dev", out_dtype, (row1 - row0, cols), self.device)
-                rounded.copy_(w32)
-                out.copy_(rounded)
-            yield Chunk(memoryview(raw.numpy()), slot)
+        low, high = torch.aminmax(w32)  # NaN propagates; inf and overflow show here
+        if not (-limit < float(low) and float(high) < limit):
+            raise MergeFailedError(_nan_message(tensor, float(low), float(high)))
+        slot, raw = self.ring.acquire((row1 - row0) * cols * _itemsize(out_dtype))
+        out = raw.view(out_dtype).view(row1 - row0, cols)
+        if self.device.type == "cpu":
+            out.copy_(w32)
+        else:
+            rounded = self._typed("out-dev", out_dtype, (row1 - row0, cols), self.device)
+            rounded.copy_(w32)
+            out.copy_(rounded)
+        return Chunk(memoryview(raw.numpy()), slot)
 
     def _apply(self, op: TensorOp, w32: torch.Tensor, row0: int, row1: int, cols: int) -> None:
         if op.kind == "replace":
