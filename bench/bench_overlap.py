@@ -57,7 +57,15 @@ def cmd_make(args: argparse.Namespace) -> int:
     if not (base / "model.safetensors.index.json").is_file():
         print(f"making {base} ({args.layers} layers)", flush=True)
         bench_stream.make_base(base, args.layers, args.shard_bytes)
-    for seed, (name, spec) in enumerate(bench_stream.ADAPTERS.items(), start=1):
+    adapters = dict(bench_stream.ADAPTERS)
+    if args.heavy_rank:
+        # A high-rank adapter on every linear layer: more arithmetic per output byte, so the
+        # merge is as long as an upload at a rate well below what this machine can move
+        # (the upload is then limited by the throttle, as by a network, not by the CPU).
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        spec = {"r": args.heavy_rank, "lora_alpha": args.heavy_rank, "targets": targets}
+        adapters[f"all-r{args.heavy_rank}"] = spec
+    for seed, (name, spec) in enumerate(adapters.items(), start=1):
         adapter = work / name
         if not (adapter / "adapter_model.safetensors").is_file():
             bench_stream.make_adapter(adapter, base, args.layers, spec, seed)
@@ -172,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     work = Path(args.dir)
     base = work / "base"
-    adapters = [str(work / name) for name in bench_stream.ADAPTERS]
+    adapters = [str(p.parent) for p in sorted(work.glob("*/adapter_config.json"))]
     out = work / "out"
     home = work / "hf-home"
     python = sys.executable
@@ -265,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--dir", required=True)
     make.add_argument("--shard-bytes", type=int, default=100_000_000)
     make.add_argument("--layers", type=int, default=LAYERS, help="decoder layers (88 MB each)")
+    make.add_argument(
+        "--heavy-rank", type=int, default=0, help="add an all-linear adapter of this rank"
+    )
     serve = sub.add_parser("serve", help="(internal) a throttled Hub test server")
     serve.add_argument("--data", required=True)
     serve.add_argument("--rate", type=float, default=0.0)

@@ -280,13 +280,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         warm(work / model)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
         digests: dict[str, dict[str, str]] = {}
+        partial = out.parent / f".{out.name}.mergejob-partial"
         for run in range(args.runs):
             for name in chosen:
-                shutil.rmtree(out, ignore_errors=True)
-                measured = measure(configs[name], env)
+                for leftover in (out, partial):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                try:
+                    measured = measure(configs[name], env)
+                except RuntimeError as exc:
+                    print(f"{model} {name} run {run + 1}: FAILED {exc}", flush=True)
+                    continue
                 if run == 0 and name.startswith("stream"):
                     digests[name] = shard_digests(out)
-                shutil.rmtree(out, ignore_errors=True)
+                for leftover in (out, partial):
+                    shutil.rmtree(leftover, ignore_errors=True)
                 runs[name].append(measured)
                 print(
                     f"{model} {name} run {run + 1}: {measured['wall_s']:.1f}s wall, "
@@ -305,10 +312,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                     if all(key in r for r in rs)
                 }
                 for name, rs in runs.items()
+                if rs
             },
             "runs": runs,
             "stream_outputs_identical": len({json.dumps(d) for d in digests.values()}) <= 1,
         }
+        if args.json:  # after each model, so a later failure loses nothing
+            Path(args.json).write_text(json.dumps({"results": results}, indent=2))
     document = {"machine": machine(), "command": " ".join(sys.argv), "results": results}
     print(json.dumps(document, indent=2))
     if args.json:

@@ -69,7 +69,7 @@ class Throughput:
     write_bps: float = 0.12 * GB  # shard files written, hashed and fsynced
     convert_bps: float = 0.25 * GB  # fp32 work per output byte of a changed tensor
     hash_bps: float = 0.54 * GB  # sha256 per thread (the recipe's input checksums)
-    cpu_flops: float = 1.8e9  # fp32 B @ A (small rank: memory-bound) per worker
+    cpu_flops: float = 10e9  # fp32 B @ A per worker (2 cores, AVX2; the rest is convert_bps)
     gpu_flops: float = 20e12  # fp32 matmul on one GPU (TF32 off)
     download_bps: float = 0.2 * GB  # assumed Hub bandwidth
     peft_load_bps: float = 0.1 * GB  # from_pretrained into memory

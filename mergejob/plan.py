@@ -319,7 +319,7 @@ class _PlanBuilder:
         for full in adapter.full:
             target = self.resolve(full.target)
             if target is None:
-                self.unmapped.append(f"{adapter.name}: {full.ref.key}")
+                self.unmapped.append(f"{adapter.path}: {full.ref.key}")
                 continue
             current = self.shapes[target]
             shape = full.ref.shape
@@ -331,7 +331,7 @@ class _PlanBuilder:
             )
             if shape != current and not resized:
                 self.misfit.append(
-                    f"{adapter.name}: {full.ref.key} {list(shape)} does not fit {target} "
+                    f"{adapter.path}: {full.ref.key} {list(shape)} does not fit {target} "
                     f"{list(current)}"
                 )
                 continue
@@ -342,7 +342,7 @@ class _PlanBuilder:
         for lora in adapter.loras:
             target = self.resolve(f"{lora.module}.weight")
             if target is None:
-                self.unmapped.extend(f"{adapter.name}: {key}" for key in lora.keys)
+                self.unmapped.extend(f"{adapter.path}: {key}" for key in lora.keys)
                 continue
             transposed = self._orientation(adapter, lora, target, square_default)
             if transposed is None:
@@ -381,7 +381,7 @@ class _PlanBuilder:
                 evidence.add(True)
         if evidence == {not flag}:
             self.warnings.append(
-                f"{adapter.name}: fan_in_fan_out is {flag} in its config but the base's "
+                f"{adapter.path}: fan_in_fan_out is {flag} in its config but the base's "
                 f"weights are laid out for {not flag}; following the weights, as PEFT does"
             )
             return not flag
@@ -395,7 +395,7 @@ class _PlanBuilder:
         out_f, in_f = lora.b.shape[0], lora.a.shape[1]
         if lora.magnitude is not None and lora.magnitude.shape != (out_f,):
             self.misfit.append(
-                f"{adapter.name}: {lora.magnitude.key} {list(lora.magnitude.shape)} does not "
+                f"{adapter.path}: {lora.magnitude.key} {list(lora.magnitude.shape)} does not "
                 f"fit B {list(lora.b.shape)}"
             )
             return None
@@ -404,7 +404,7 @@ class _PlanBuilder:
             straight = False
         if not straight and not transposed:
             self.misfit.append(
-                f"{adapter.name}: {lora.a.key} {list(lora.a.shape)} and {lora.b.key} "
+                f"{adapter.path}: {lora.a.key} {list(lora.a.shape)} and {lora.b.key} "
                 f"{list(lora.b.shape)} do not fit {target} {list(shape)}"
             )
             return None
