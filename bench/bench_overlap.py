@@ -16,7 +16,12 @@ the three LoRA adapters of ``bench_stream.py``. ``run`` measures, each as a whol
   go up while the next ones merge;
 - ``sequential``: merge, then upload (the sum of the first two, as the seed did it).
 
-Each run starts a fresh server (its object store would otherwise deduplicate the shards).
+Each run starts a fresh server (its object store would otherwise deduplicate the shards), with
+its objects in /dev/shm when there is one (the Hub's disk is not this machine's). With
+``make --heavy-rank R`` an all-linear adapter of rank R is added: more arithmetic per output
+byte, so that merge and upload match at a rate the upload reaches by its throttle, as over a
+network, rather than by this machine's CPU.
+
 Reported: medians over ``--runs``, and ``overlap / max(merge, upload)`` (target <= 1.2;
 merge-then-upload is about 2.0 by construction).
 """
@@ -121,8 +126,12 @@ class Server:
     """A bench server process on a fresh data folder."""
 
     def __init__(self, work: Path, rate: float) -> None:
-        data = work / "hub-data"
+        # The Hub's storage is not this machine's disk: keep the server's objects in memory
+        # where /dev/shm exists, so its writes do not compete with the merge's.
+        shm = Path("/dev/shm")
+        data = shm / "mergejob-bench-hub" if shm.is_dir() else work / "hub-data"
         shutil.rmtree(data, ignore_errors=True)
+        self.data = data
         command = [sys.executable, __file__, "serve", "--data", str(data), "--rate", str(rate)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
@@ -133,6 +142,7 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

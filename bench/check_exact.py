@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.dir) / args.model
     adapters = ["attn-r8", "all-r16-rslora", "mlp-r32"]
-    plan = build_plan(work / "base", [(work / a, 1.0) for a in adapters], max_shard_size=800_000_000)
+    plan = build_plan(
+        work / "base", [(work / a, 1.0) for a in adapters], max_shard_size=800_000_000
+    )
     out = work / "check-out"
     shutil.rmtree(out, ignore_errors=True)
     started = time.monotonic()

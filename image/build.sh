@@ -3,6 +3,7 @@
 #
 #   image/build.sh            build the image named in image/IMAGE
 #   image/build.sh base       only make (or reuse) the local Debian base image
+#   image/build.sh clean [all] drop the buildah storage (and, with all, the cached rootfs)
 #
 # With a Docker engine that answers (`docker info`), this is a plain `docker build`
 # (production: BASE, TORCH_SPEC and TORCH_INDEX_URL default to the Dockerfile's values).
@@ -23,7 +24,8 @@
 #   LOCAL_FIND_LINKS wheel folders bind-mounted for pip  (buildah; default: /opt/wheels)
 #   LOCAL_INDEXES    folders holding simple/ indexes, bind-mounted for pip
 #                                              (buildah; default: /opt/pypi /opt/pypi-more)
-#   IMAGE_STORAGE_DRIVER  vfs (default) or overlay, for buildah (see image/lib.sh)
+#   IMAGE_STORAGE_DRIVER  auto (default: overlay where it works), overlay or vfs, for
+#                    buildah (see image/lib.sh)
 #   FORCE_DOCKER=1 / FORCE_BUILDAH=1           pick the builder explicitly
 set -euo pipefail
 
@@ -195,7 +197,7 @@ build_buildah() {
         [ -d "$d/simple" ] && { args+=(--volume "$d:$d:ro"); extra_index="$extra_index file://$d/simple"; }
     done
     args+=(--build-arg "PIP_FIND_LINKS=${find_links# }" --build-arg "PIP_EXTRA_INDEX_URL=${extra_index# }")
-    log "buildah bud $IMAGE (base ${BASE:-$BASE_NAME}, $torch_spec)"
+    log "buildah bud $IMAGE (base ${BASE:-$BASE_NAME}, $torch_spec, $DRIVER storage)"
     # Steps are stamped with the seconds since the build began.
     local t0=$SECONDS line
     "${BUILDAH[@]}" bud "${args[@]}" "$ROOT" 2>&1 | while IFS= read -r line; do
@@ -204,6 +206,7 @@ build_buildah() {
             *) printf '%s\n' "$line" ;;
         esac
     done
+    store_trim
 }
 
 image_size() {
@@ -214,16 +217,32 @@ image_size() {
     fi
 }
 
+# Drop the buildah storage (all images, layer cache) and its loop file; "clean all" also
+# drops the cached debootstrap rootfs.
+clean() {
+    log "removing buildah storage under $CACHE"
+    store_unmount
+    rm -rf "$CACHE/fs" "$CACHE/fs.ext4" "$CACHE"/run "$CACHE"/run-* "$CACHE/driver"
+    [ "${1:-}" = all ] && rm -f "$ROOTFS_TAR"
+    return 0
+}
+
 main() {
     local builder
+    mkdir -p "$CACHE"
     exec 9>"$CACHE/.lock"
     flock 9
+    case ${1:-} in
+        clean) clean "${2:-}"; return ;;
+        base) make_base; return ;;
+        "") ;;
+        *) die "usage: image/build.sh [base|clean [all]]" ;;
+    esac
     if [ "${FORCE_BUILDAH:-}" != 1 ] && { [ "${FORCE_DOCKER:-}" = 1 ] || docker info >/dev/null 2>&1; }; then
         builder=docker
     else
         builder=buildah
     fi
-    if [ "${1:-}" = base ]; then make_base; return; fi
     local t0=$SECONDS
     "build_$builder"
     log "built $IMAGE with $builder in $((SECONDS - t0)) s; size $(image_size "$builder")"

@@ -240,6 +240,12 @@ show "$token_files"
 canary_files=$(grep -rlF "$CANARY" "$ROOTFS" "$WORK/out-image" 2>/dev/null || true)
 check "run-time token (canary) not written to the filesystem or the output" test -z "$canary_files"
 show "$canary_files"
+host_ca=/etc/ssl/certs/ca-certificates.crt
+if [ -f "$host_ca" ] && [ -f "$ROOTFS$host_ca" ] && cmp -s "$host_ca" "$ROOTFS$host_ca"; then
+    echo "      (the image's CA bundle equals the host's: no host-only CA to tell a baked-in copy by)"
+else
+    pass "host CA bundle (mounted for pip at build time) not baked into the image"
+fi
 check "no /src in the image" test ! -e "$ROOTFS/src"
 # A repository file of tests/ anywhere (by its distinctive path; tests/**/__init__.py and
 # the like match every library's own tests), or a tests/ folder where a copy of the

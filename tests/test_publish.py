@@ -72,6 +72,11 @@ def tree(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def hub(hub_env: SeededHubServer, models: Any, monkeypatch: pytest.MonkeyPatch) -> SeededHubServer:
     """The test server with the inputs on it, HF_TOKEN set to alice's, short retry waits."""
+    from huggingface_hub import constants
+
+    # A loaded test machine can take more than the client's 10 s to answer a download.
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 60)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 60)
     seed_hub(hub_env, models)
     monkeypatch.setenv("HF_TOKEN", hub_env.alice_token)
     monkeypatch.setattr(mergejob.publish, "DEFAULT_RETRY", RetryPolicy(3, 0.05, 0.2))

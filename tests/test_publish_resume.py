@@ -39,6 +39,8 @@ def publish_process(hub: SeededHubServer, home: Path, shard_size: str) -> subpro
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "MERGEJOB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_ETAG_TIMEOUT": "60",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "60",
     }
     for name in ("HF_HUB_OFFLINE", "HF_TOKEN_PATH"):
         env.pop(name, None)
