@@ -17,6 +17,7 @@ install:
 # The real-Kubernetes tests' binaries are built once (minutes) into $(MERGEJOB_CACHE);
 # with them in place the tests that need them must run, never skip.
 test: kube-binaries
+	$(BIN)/hadolint image/Dockerfile
 	MERGEJOB_REQUIRE_KUBE=1 $(BIN)/python -m pytest -q -ra
 
 kube-binaries:
@@ -38,3 +39,6 @@ demo:
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache
+
+# Container image: make image, make image-test (see image/Makefile.inc).
+include image/Makefile.inc

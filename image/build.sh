@@ -7,8 +7,8 @@
 #
 # With a Docker engine that answers (`docker info`), this is a plain `docker build`
 # (production: BASE, TORCH_SPEC and TORCH_INDEX_URL default to the Dockerfile's values).
-# Without one it uses buildah (vfs storage, chroot isolation, private storage under the
-# cache folder) on a base made here with debootstrap, since no container registry is
+# Without one it uses buildah (chroot isolation; overlay or vfs storage, private, under the
+# cache folder: see image/lib.sh) on a base made here with debootstrap, since no container registry is
 # reachable; pip inside the build reaches the same wheel folder and local indexes as the
 # host through read-only bind mounts that exist only while a RUN step runs.
 #
@@ -52,7 +52,6 @@ EOF
 VERSION=${VERSION:-${IMAGE##*:}}
 REVISION=${REVISION:-$(git -C "$ROOT" rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 SOURCE=${IMAGE_SOURCE:-https://github.com/mergejob/mergejob}
-CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 tested_torch() {
     # freeze.sh records the torch the tests ran with: "# torch: torch==2.13.0+cpu"
@@ -168,7 +167,7 @@ make_base() {
 build_docker() {
     local args=(--file "$HERE/Dockerfile" --tag "$IMAGE"
         --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION"
-        --build-arg "SOURCE=$SOURCE" --build-arg "CREATED=$CREATED")
+        --build-arg "SOURCE=$SOURCE")
     [ -n "${BASE:-}" ] && args+=(--build-arg "BASE=$BASE")
     [ -n "${TORCH_SPEC:-}" ] && args+=(--build-arg "TORCH_SPEC=$TORCH_SPEC")
     [ -n "${TORCH_INDEX_URL+x}" ] && args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
@@ -244,8 +243,8 @@ main() {
         builder=buildah
     fi
     local t0=$SECONDS
-    "build_$builder"
+    if [ "$builder" = docker ]; then build_docker; else build_buildah; fi
     log "built $IMAGE with $builder in $((SECONDS - t0)) s; size $(image_size "$builder")"
 }
 
-main "$@"
+main "$@"; exit  # (exit: an edit to this file while it runs cannot be read as more script)

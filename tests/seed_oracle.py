@@ -42,7 +42,8 @@ def _saved_embedding_rows(adapter: Path) -> int | None:
         rows = [
             handle.get_slice(k).get_shape()[0]
             for k in handle.keys()  # noqa: SIM118 - safe_open has no __iter__
-            if k.endswith("embed_tokens.weight") or k.endswith("embed_tokens.modules_to_save.weight")
+            if k.endswith("embed_tokens.weight")
+            or k.endswith("embed_tokens.modules_to_save.weight")
         ]
     return max(rows) if rows else None
 
