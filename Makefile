@@ -19,6 +19,9 @@ install:
 test: kube-binaries
 	$(BIN)/hadolint image/Dockerfile
 	MERGEJOB_REQUIRE_KUBE=1 $(BIN)/python -m pytest -q -ra
+	# The container image: built here (buildah from a debootstrap base when no Docker engine
+	# answers) and run on a tiny fixture against a host merge (image/test.sh).
+	$(MAKE) image image-test
 
 kube-binaries:
 	bash tests/kube/build_k8s.sh
