@@ -1,7 +1,7 @@
 """Benchmark: publishing while the merge runs, against merging then uploading.
 
-    .venv/bin/python bench/bench_overlap.py make --dir /tmp/mergejob-overlap
-    .venv/bin/python bench/bench_overlap.py run --dir /tmp/mergejob-overlap --runs 3
+    .venv/bin/python bench/bench_overlap.py make --dir /tmp/overlap --heavy-rank 1024
+    .venv/bin/python bench/bench_overlap.py run --dir /tmp/overlap --runs 3
 
 ``make`` writes a TinyLlama-width fp16 base (24 layers, about 2.4 GB, in 100 MB shards) and
 the three LoRA adapters of ``bench_stream.py``. ``run`` measures, each as a whole process:

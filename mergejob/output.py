@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergejob.errors import OutputExistsError
+from mergejob.shards import RECORDS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ def discard_partial(output_dir: Path) -> None:
     partial = partial_dir_for(output_dir)
     if partial.exists():
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def drop_records(partial: Path) -> None:
+    """Remove the stream engine's per-shard records from a finished partial folder."""
+    shutil.rmtree(Path(partial) / RECORDS_DIR, ignore_errors=True)
 
 
 def commit_partial(output_dir: Path) -> Path:

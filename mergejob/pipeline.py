@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
     # The stream engine resumes from the finished shards an interrupted run left behind.
     resumable = spec.engine.name == "stream"
     partial = output.open_partial(out_dir, resume=resumable)
+    digests = InputDigests(job)
     uploader = start_uploader(spec, target, token) if target is not None else None
     published: PublishResult | None = None
     complete = False  # the output folder is finished; only publishing is left
@@ -171,7 +173,7 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
             write_card(
                 job, partial, report, repo_id=target.repo_id if target else None, token=token
             )
-        write_recipe(job, partial, report, timings)
+        write_recipe(job, partial, report, timings, inputs=digests.result())
         complete = True
         if target is not None:
             with timings.phase("publish", repo=target.display):
@@ -181,6 +183,9 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
             output.discard_partial(out_dir)
             final: Path | None = None
         else:
+            # The shard records were kept until now, so that a rerun after a failed publish
+            # merges nothing again; the finished folder does not need them.
+            output.drop_records(partial)
             final = output.commit_partial(out_dir)
             files = sorted(p.name for p in final.iterdir())
     except BaseException as exc:
@@ -245,14 +250,60 @@ def describe_config_changes(job: PreparedJob) -> str:
     return "; ".join(parts)
 
 
-def write_recipe(job: PreparedJob, out_dir: Path, report: EngineReport, timings: Timings) -> Path:
-    """``mergejob.yaml``: the resolved spec (Hub inputs at their commits), file checksums,
-    engine, versions and timings. Written last, so it lists every other file."""
-    spec = resolved_spec(job)
-    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS)]
-    inputs += [recipe.source_record("adapter", a, ADAPTER_PATTERNS) for a in job.adapters]
+def input_records(job: PreparedJob, *, workers: int = 4) -> list[dict[str, Any]]:
+    """The recipe's ``inputs``: each source with the sha256 of the files the merge reads
+    (free for Hub inputs, whose cache names them by it; read for local ones)."""
+    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers)]
+    inputs += [
+        recipe.source_record("adapter", a, ADAPTER_PATTERNS, workers=workers) for a in job.adapters
+    ]
     if job.config_from is not None:
-        inputs.append(recipe.source_record("config_from", job.config_from, CONFIG_PATTERNS))
+        inputs.append(
+            recipe.source_record("config_from", job.config_from, CONFIG_PATTERNS, workers=workers)
+        )
+    return inputs
+
+
+class InputDigests:
+    """:func:`input_records` on a daemon thread, started when the merge starts: hashing a
+    local 140 GB base takes minutes, hidden behind the merge rather than added after it (a
+    failing job does not wait for it)."""
+
+    def __init__(self, job: PreparedJob) -> None:
+        self._job = job
+        self._value: list[dict[str, Any]] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergejob-input-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = input_records(self._job, workers=1)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> list[dict[str, Any]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+def write_recipe(
+    job: PreparedJob,
+    out_dir: Path,
+    report: EngineReport,
+    timings: Timings,
+    *,
+    inputs: list[dict[str, Any]] | None = None,
+) -> Path:
+    """``mergejob.yaml``: the resolved spec (Hub inputs at their commits), file checksums,
+    engine, versions and timings. Written last, so it lists every other file. ``inputs``:
+    from :class:`InputDigests` if the caller started it (else hashed here)."""
+    spec = resolved_spec(job)
+    if inputs is None:
+        inputs = input_records(job)
     engine = {"name": report.engine, "device": job.spec.engine.device}
     if report.tensors_changed is not None:
         engine["tensors_changed"] = report.tensors_changed

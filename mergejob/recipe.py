@@ -115,7 +115,9 @@ def file_digests(
         path = folder / name
         return known.get(name) or _known_sha256(path) or sha256_file(path)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    if workers <= 1:  # no pool: safe on a daemon thread a failing job does not wait for
+        return {name: one(name) for name in names}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(names, pool.map(one, names), strict=True))
 
 
@@ -151,7 +153,9 @@ def pinned_source(source: ResolvedSource, spec: Mapping[str, Any]) -> dict[str, 
     return {**pinned, **rest}
 
 
-def source_record(role: str, source: ResolvedSource, patterns: Iterable[str]) -> dict[str, Any]:
+def source_record(
+    role: str, source: ResolvedSource, patterns: Iterable[str], *, workers: int = 4
+) -> dict[str, Any]:
     """What one input was: where it came from, at which commit, with its files' sha256."""
     record: dict[str, Any] = {"role": role, "source": source.spec.path}
     if source.spec.revision:
@@ -160,7 +164,8 @@ def source_record(role: str, source: ResolvedSource, patterns: Iterable[str]) ->
         record["commit"] = source.commit
     else:
         record["local_dir"] = str(Path(source.local_dir).absolute())
-    record["files"] = file_digests(source.local_dir, input_files(source.local_dir, patterns))
+    names = input_files(source.local_dir, patterns)
+    record["files"] = file_digests(source.local_dir, names, workers=workers)
     return record
 
 

@@ -127,11 +127,29 @@ def test_indexed_job_runs_end_to_end_on_a_real_api_server(
     code, stdout, stderr = run_cli(
         "submit", "--base", base, "--adapters", adapter, "--output_dir", out,
         "--max-shard-size", "20KB", "--name", "split", "--workers", "3",
-        "--cache-pvc", "shared", "--no-secret", "--wait", "--timeout", "240", *cluster,
+        "--cache-pvc", "shared", "--no-secret", "--follow", "--timeout", "240", *cluster,
     )  # fmt: skip
     assert code == 0, stderr + stdout + "\n".join(kubelet.errors)
     assert "phase    Succeeded" in stdout
     assert sorted(seen.values()) == [0, 1, 2]
+
+    # --follow printed the three pods' logs at once, each line under its pod's prefix: the
+    # other indices' shards appear before index 0, which waits for them, finalises.
+    lines = stdout.splitlines()
+    pods = {name: f"[{name}] " for name in seen}
+    for name, prefix in pods.items():
+        assert any(line.startswith(prefix) and "phase merge start" in line for line in lines), name
+    log_lines = [line for line in lines if line.startswith("[")]
+    assert all(any(line.startswith(p) for p in pods.values()) for line in log_lines)
+    for i in (1, 2):
+        assert any(f"index {i}/3: shard" in line for line in lines), i
+    committed = next(n for n, line in enumerate(lines) if "checked and committed" in line)
+    others_done = [
+        n
+        for n, line in enumerate(lines)
+        if "index 1/3: shard" in line or "index 2/3: shard" in line
+    ]
+    assert max(others_done) < committed
 
     # The stored Job: 1.20 kept completions and parallelism, dropped the Indexed fields.
     job = to_dict(k8s.BatchV1Api(kube_cluster.api_client()).read_namespaced_job("split", ns))

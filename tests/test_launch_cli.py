@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from kubernetes import client as k8s
 from mergejob.launch.kube import (
     JobStatus,
     PodReport,
+    _PrefixedLines,
     progress_from_log,
     summarize,
 )
@@ -120,6 +123,26 @@ def test_progress_follows_the_jobs_own_log_lines() -> None:
         "not json {",
     ]
     assert progress_from_log(as_json) == "phase write running"
+
+
+def test_followed_pods_share_the_output_in_whole_prefixed_lines() -> None:
+    out = io.BytesIO()
+    lock = threading.Lock()
+    a = _PrefixedLines(out, "[index 0] ", lock)
+    b = _PrefixedLines(out, "[index 1] ", lock)
+    a.write(b"phase merge st")  # a chunk of the stream ends mid-line
+    b.write(b"index 1/2: shard 1/3 done\nindex 1/2: sha")
+    a.write(b"art\n")
+    b.write(b"rd 2/3 done\n")
+    a.write(b"no newline at the end")
+    a.close()
+    b.close()
+    assert out.getvalue().decode().splitlines() == [
+        "[index 1] index 1/2: shard 1/3 done",
+        "[index 0] phase merge start",
+        "[index 1] index 1/2: shard 2/3 done",
+        "[index 0] no newline at the end",
+    ]
 
 
 def make_job(**status: object) -> k8s.V1Job:

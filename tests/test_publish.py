@@ -306,6 +306,45 @@ def test_a_rerun_of_a_finished_publish_uploads_nothing(hub: SeededHubServer, run
     assert len(posts) == 1 and posts[0].bytes_in < 20_000
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["temporary-copy", "local-dir"])
+def test_a_rerun_after_a_failed_publish_merges_nothing_again(
+    hub: SeededHubServer,
+    run_cli: CLI,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    local: bool,
+) -> None:
+    from mergejob.engines import stream
+
+    written: list[str] = []
+    write_shard = stream.write_shard
+
+    def counting_write_shard(*args: Any, **kwargs: Any) -> Any:
+        record = write_shard(*args, **kwargs)
+        written.append(record.name)
+        return record
+
+    monkeypatch.setattr(stream, "write_shard", counting_write_shard)
+    extra = ["--local-dir", tmp_path / "local"] if local else []
+    hub.fail(r"/commit/", status=503, times=10_000)  # every attempt of the final commit
+    code, _, err = run_cli(*merge_args("--push_to_hub", *extra))
+    assert code != 0 and "commit" in err, err
+    merged_first = list(written)
+    assert len(merged_first) > 2
+
+    hub.faults.clear()
+    written.clear()
+    code, _, err = run_cli(*merge_args("--push_to_hub", *extra))
+    assert code == 0, err
+    assert written == [], f"merged again after the failed publish: {written}"
+    assert f"resumed: {len(merged_first)} shard(s) were finished already, 0 merged now" in err
+    assert uploaded_twice(hub) == []
+    if local:  # the finished folder holds no engine records
+        assert (
+            sorted(p.name for p in (tmp_path / "local").iterdir() if p.name.startswith(".")) == []
+        )
+
+
 # ---------------------------------------------------------------------------------------
 # Overlap and disk
 

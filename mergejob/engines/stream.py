@@ -286,9 +286,12 @@ def merge_plan(
     workers: int = 1,
     device: str = "cpu",
     on_shard_done: ShardCallback | None = None,
+    keep_records: bool = False,
 ) -> EngineReport:
     """Run every worker of ``plan`` here (processes over shards, or one per GPU), then
     :func:`finalize`. Finished shards of an earlier, interrupted run of the same plan are kept.
+    ``keep_records``: leave the shard records for the caller to remove once the folder is in
+    place (so that a rerun after a later step failed, a publish say, merges nothing again).
     """
     partial_dir = Path(partial_dir)
     partial_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +329,7 @@ def merge_plan(
             ]
         else:
             reports = _run_processes(plan, partial_dir, devices, done, progress.update)
-    records = finalize(plan, partial_dir, verify_checksums=False)
+    records = finalize(plan, partial_dir, verify_checksums=False, keep_records=keep_records)
     merged = sum(len(r.merged) for r in reports)
     resumed = sum(len(r.resumed) for r in reports)
     seconds = time.monotonic() - started
@@ -351,7 +354,8 @@ def merge_plan(
 def merge_with_stream(
     job: PreparedJob, out_dir: Path, *, on_shard_done: ShardCallback | None = None
 ) -> EngineReport:
-    """The pipeline's engine: plan the job and merge it into ``out_dir`` (the partial folder)."""
+    """The pipeline's engine: plan the job and merge it into ``out_dir`` (the partial folder).
+    The shard records stay: the pipeline removes them just before the folder goes into place."""
     plan = plan_for_job(job)
     return merge_plan(
         plan,
@@ -359,6 +363,7 @@ def merge_with_stream(
         workers=job.spec.engine.workers,
         device=job.spec.engine.device,
         on_shard_done=on_shard_done,
+        keep_records=True,
     )
 
 

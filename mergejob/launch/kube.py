@@ -25,11 +25,12 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import urllib3
 from kubernetes import client as k8s
@@ -533,12 +534,15 @@ def stream_logs(
     notify: Callable[[str], None] | None = None,
     deadline: float | None = None,
 ) -> None:
-    """Write the job's log to ``out``: the newest pod's (every pod's with ``all_pods``);
-    with ``follow``, keep writing as it runs, then the log of each retry, until the Job is
-    finished (or ``time.monotonic()`` passes ``deadline`` between pods). ``notify`` hears
-    why nothing is printed yet (a pending pod's reason)."""
+    """Write the job's log to ``out``: the newest pod's (every pod's with ``all_pods``, and
+    always for a merge split over several pods); with ``follow``, keep writing as it runs,
+    then the log of each retry, until the Job is finished (or ``time.monotonic()`` passes
+    ``deadline``). Several pods are followed at once, each line prefixed with its index
+    (or pod name), as ``kubectl logs --prefix`` does. ``notify`` hears why nothing is printed
+    yet (a pending pod's reason)."""
     job = read_job(cluster, name)
     pods = _job_pods(cluster, job)
+    all_pods = all_pods or _completions(job) > 1
     if not follow:
         chosen = pods if all_pods else pods[-1:]
         for pod in chosen:
@@ -551,7 +555,10 @@ def stream_logs(
         if not pods and notify:
             notify(f"job {name} has no pods yet")
         return
-    followed: set[str] = {str(p.metadata.name) for p in pods[:-1]} if not all_pods else set()
+    if all_pods:
+        _follow_all(cluster, name, job, out, tail, poll_seconds, notify, deadline)
+        return
+    followed: set[str] = {str(p.metadata.name) for p in pods[:-1]}
     said = ""
     while deadline is None or time.monotonic() < deadline:
         pods = _job_pods(cluster, job)
@@ -578,7 +585,118 @@ def stream_logs(
         time.sleep(poll_seconds)
 
 
-def _follow_pod(cluster: Cluster, pod: str, out: IO[bytes], *, tail: int | None) -> bool:
+def _completions(job: k8s.V1Job) -> int:
+    return int((job.spec.completions if job.spec else None) or 1)
+
+
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+    def flush(self) -> Any: ...
+
+
+class _PrefixedLines:
+    """Whole lines of one pod's log onto a stream shared with other pods, each line with
+    the pod's prefix (a line is never cut by another pod's)."""
+
+    def __init__(self, out: _Sink, prefix: str, lock: threading.Lock) -> None:
+        self._out = out
+        self._prefix = prefix.encode()
+        self._lock = lock
+        self._pending = b""
+
+    def write(self, data: bytes) -> int:
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        if lines:
+            self._emit(lines)
+        return len(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._out.flush()
+
+    def close(self) -> None:
+        if self._pending:
+            self._emit([self._pending])
+            self._pending = b""
+
+    def _emit(self, lines: list[bytes]) -> None:
+        text = b"".join(self._prefix + line + b"\n" for line in lines)
+        with self._lock:
+            self._out.write(text)
+            self._out.flush()
+
+
+def _pod_prefix(pod: k8s.V1Pod) -> str:
+    annotations = (pod.metadata.annotations if pod.metadata else None) or {}
+    index = annotations.get(COMPLETION_INDEX_ANNOTATION)
+    return f"[index {index}] " if index is not None else f"[{pod.metadata.name}] "
+
+
+def _follow_all(
+    cluster: Cluster,
+    name: str,
+    job: k8s.V1Job,
+    out: IO[bytes],
+    tail: int | None,
+    poll_seconds: float,
+    notify: Callable[[str], None] | None,
+    deadline: float | None,
+) -> None:
+    """Follow every pod of the job at once (one thread per pod), until the Job is finished
+    and every started pod's log has been read to its end."""
+    lock = threading.Lock()
+    stop = threading.Event()
+    threads: dict[str, threading.Thread] = {}
+    said: dict[str, str] = {}
+
+    def follow_one(pod_name: str, sink: _PrefixedLines) -> None:
+        try:
+            # Once more after ``stop``: a pod may have run and ended since the last look.
+            while True:
+                if _follow_pod(cluster, pod_name, sink, tail=tail):
+                    return
+                if stop.is_set():
+                    return
+                stop.wait(poll_seconds)  # not started yet
+        except MergeJobError as exc:  # the pod went away, rights changed: say so, go on
+            log.warning("log of pod %s: %s", pod_name, exc)
+        finally:
+            sink.close()
+
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            pods = _job_pods(cluster, job)
+            for pod in pods:
+                pod_name = str(pod.metadata.name)
+                reason = _pending_reason(pod)
+                if reason and said.get(pod_name) != reason and notify:
+                    notify(f"pod {pod_name}: {reason}")
+                    said[pod_name] = reason
+                if pod_name not in threads:
+                    sink = _PrefixedLines(out, _pod_prefix(pod), lock)
+                    thread = threading.Thread(
+                        target=follow_one,
+                        args=(pod_name, sink),
+                        name=f"mergejob-log-{pod_name}",
+                        daemon=True,
+                    )
+                    threads[pod_name] = thread
+                    thread.start()
+            if _finished(read_job(cluster, name)):
+                # Pods that never started will not: stop waiting for them; the others'
+                # containers have ended, so their streams end once read.
+                stop.set()
+                for thread in threads.values():
+                    thread.join()
+                return
+            time.sleep(poll_seconds)
+    finally:
+        stop.set()
+        for thread in threads.values():
+            thread.join(timeout=poll_seconds)
+
+
+def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> bool:
     """Stream one pod's log until its container ends; False if it has not started yet."""
     ns = cluster.namespace
     while True:
