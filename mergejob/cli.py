@@ -233,9 +233,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergejob.pipeline import merge
 
     spec = spec_from_args(args)
-    result = merge(spec)
+    result = merge(spec, recorded_inputs=recorded_inputs_of(args))
     print(result.summary())
     return 0
+
+
+def recorded_inputs_of(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The inputs a ``--config`` recipe (``mergejob.yaml``) recorded, to check a rerun."""
+    from mergejob.recipe import recorded_inputs
+
+    config = getattr(args, "config", None)
+    return recorded_inputs(config) if config else None
 
 
 def build_parser() -> argparse.ArgumentParser:

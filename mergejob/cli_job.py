@@ -135,6 +135,7 @@ def spec_for_run(args: argparse.Namespace, environ: dict[str, str] | None = None
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``mergejob run``: the pod entrypoint."""
+    from mergejob.cli import recorded_inputs_of
     from mergejob.pipeline import merge
 
     spec = spec_for_run(args)
@@ -144,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     split = args.finalize or args.index is not None or args.index_count is not None
     if split or os.environ.get("MERGEJOB_INDEX_COUNT"):
         return run_split(args, spec, token)
-    result = merge(spec, token=token)
+    result = merge(spec, token=token, recorded_inputs=recorded_inputs_of(args))
     print(result.summary())
     return EXIT_OK
 

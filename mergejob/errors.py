@@ -56,6 +56,10 @@ class TokenError(InputError):
     """The Hub token is missing, invalid or lacks the rights the job needs."""
 
 
+class InputsChangedError(InputError):
+    """A rerun from a recipe whose inputs are no longer the bytes it recorded."""
+
+
 class MergeFailedError(MergeJobError):
     """The merge itself failed (for example a NaN appeared); may be worth a retry."""
 

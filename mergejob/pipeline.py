@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergejob import model_config, output, recipe, settings
 from mergejob.checkpoint import CheckpointIndex
-from mergejob.errors import InputError, MergeFailedError, ModelError
+from mergejob.errors import InputError, InputsChangedError, MergeFailedError, ModelError
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.plan import check_lora_shapes, plan_for_job
 from mergejob.recipe import Timings
@@ -123,8 +123,17 @@ def check_output_config(
     )
 
 
-def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
+def merge(
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
+) -> MergeResult:
     """Run the whole job described by ``spec`` and return where the result is.
+
+    ``recorded_inputs``: the ``recipe.inputs`` of the recipe this job reruns; an input whose
+    files are no longer those bytes fails the job (:class:`InputsChangedError`) before
+    anything is merged or written, since the output could not reproduce the recipe's.
 
     Example::
 
@@ -157,10 +166,14 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
     output.check_output_dir(out_dir, overwrite=spec.output.overwrite or temporary)
     timings = Timings()
     job = prepare(spec, token=token, timings=timings)
+    digests: InputDigests | list[dict[str, Any]]
+    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
+        digests = check_recorded_inputs(job, recorded_inputs, timings)
+    else:
+        digests = InputDigests(job)  # for the recipe, beside the merge
     # The stream engine resumes from the finished shards an interrupted run left behind.
     resumable = spec.engine.name == "stream"
     partial = output.open_partial(out_dir, resume=resumable)
-    digests = InputDigests(job)
     uploader = start_uploader(spec, target, token) if target is not None else None
     published: PublishResult | None = None
     complete = False  # the output folder is finished; only publishing is left
@@ -173,7 +186,8 @@ def merge(spec: MergeSpec, *, token: str | None = None) -> MergeResult:
             write_card(
                 job, partial, report, repo_id=target.repo_id if target else None, token=token
             )
-        write_recipe(job, partial, report, timings, inputs=digests.result())
+        inputs = digests if isinstance(digests, list) else digests.result()
+        write_recipe(job, partial, report, timings, inputs=inputs)
         complete = True
         if target is not None:
             with timings.phase("publish", repo=target.display):
@@ -262,6 +276,27 @@ def input_records(job: PreparedJob, *, workers: int = 4) -> list[dict[str, Any]]
             recipe.source_record("config_from", job.config_from, CONFIG_PATTERNS, workers=workers)
         )
     return inputs
+
+
+def check_recorded_inputs(
+    job: PreparedJob, recorded: Sequence[Mapping[str, Any]], timings: Timings
+) -> list[dict[str, Any]]:
+    """Hash this job's inputs now and compare them with a recipe's record of the same
+    inputs; returns the records (for the new recipe) or raises naming the changed files."""
+    with timings.phase("inputs"):
+        current = input_records(job)
+    changes = recipe.input_changes(recorded, current)
+    if changes:
+        shown = "\n  ".join(changes[:20])
+        more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+        raise InputsChangedError(
+            f"the inputs differ from those the recipe recorded ({len(changes)} file(s)):\n  "
+            f"{shown}{more}\nthe output would not reproduce the recipe's; restore those "
+            "files, or delete the recipe: section of the spec file to merge the inputs as "
+            "they are now"
+        )
+    log.info("inputs: every file matches the recipe's sha256")
+    return current
 
 
 class InputDigests:

@@ -25,7 +25,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -206,6 +206,54 @@ def write_recipe(output_dir: Path, recipe: Mapping[str, Any]) -> Path:
     )
     path.write_text(header + yaml.safe_dump(dict(recipe), sort_keys=False, width=100))
     return path
+
+
+def recorded_inputs(spec_file: str | os.PathLike[str]) -> list[dict[str, Any]] | None:
+    """The ``recipe.inputs`` of a spec file that is a recipe (``mergejob.yaml``), else None."""
+    try:
+        data = yaml.safe_load(Path(spec_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # the spec loader reports what is wrong with the file
+    record = data.get(RECIPE_KEY) if isinstance(data, dict) else None
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(inputs, list):
+        return None
+    return [entry for entry in inputs if isinstance(entry, dict)]
+
+
+def _input_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Which input a record is about: a Hub repo at a commit, or a local folder."""
+    if record.get("commit"):
+        return (record.get("role"), record.get("source"), record.get("commit"))
+    return (record.get("role"), record.get("local_dir"))
+
+
+def input_changes(
+    recorded: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """The files of this job's inputs that differ from what a recipe recorded for the same
+    input (same Hub commit, or same local folder). Inputs the recipe does not name (a flag
+    replaced one) are not compared: that change is the user's, not the files'."""
+    by_key = {_input_key(r): r for r in recorded}
+    changes: list[str] = []
+    for record in current:
+        old = by_key.get(_input_key(record))
+        if old is None:
+            continue
+        where = record.get("local_dir") or f"{record.get('source')}@{record.get('commit')}"
+        before = old.get("files") or {}
+        now = record.get("files") or {}
+        for name in sorted(set(before) | set(now)):
+            if name not in now:
+                changes.append(f"{where}/{name}: missing (the recipe recorded it)")
+            elif name not in before:
+                changes.append(f"{where}/{name}: new (the recipe did not record it)")
+            elif before[name] != now[name]:
+                changes.append(
+                    f"{where}/{name}: sha256 {str(now[name])[:12]}... differs from the "
+                    f"recipe's {str(before[name])[:12]}..."
+                )
+    return changes
 
 
 def read_recipe(folder: Path) -> dict[str, Any]:

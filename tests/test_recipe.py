@@ -4,6 +4,7 @@ reproduces the output byte for byte."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,10 @@ def sha256(path: Path) -> str:
 
 def model_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != RECIPE_FILE}
+
+
+def weight_files(folder: Path) -> dict[str, bytes]:
+    return {n: b for n, b in model_files(folder).items() if n.endswith(".safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +91,39 @@ def test_a_rerun_from_the_recipe_is_byte_identical(merged: Path, run_cli, tmp_pa
     assert code == 0, err
     assert model_files(again) == model_files(merged)
     assert read_recipe(again)["recipe"]["outputs"] == read_recipe(merged)["recipe"]["outputs"]
+
+
+def test_a_rerun_whose_inputs_changed_fails_before_writing_anything(
+    job, run_cli, tmp_path: Path
+) -> None:
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(job["base"], base)
+    shutil.copytree(job["b"], adapter)
+    first = tmp_path / "first"
+    code, _, err = run_cli("merge", "--base", base, "--adapters", adapter, "--output_dir", first)
+    assert code == 0, err
+    weights = adapter / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor: same size, other bytes
+    weights.write_bytes(bytes(data))
+
+    again = tmp_path / "again"
+    code, out, err = run_cli("run", "--config", first / RECIPE_FILE, "--output_dir", again)
+    assert code == 2, out + err
+    assert f"{adapter}/adapter_model.safetensors: sha256" in err
+    assert "differs from the recipe's" in err and "delete the recipe: section" in err
+    assert not again.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # An input the flags replace is not the recipe's: nothing to compare it with.
+    other = tmp_path / "other"
+    shutil.copytree(job["b"], other)
+    code, _, err = run_cli(
+        "run", "--config", first / RECIPE_FILE, "--adapters", other, "--output_dir", again
+    )
+    assert code == 0, err
+    # The weights are the same; the card names the other adapter's path.
+    assert weight_files(again) == weight_files(first) != {}
 
 
 def test_hub_inputs_are_pinned_to_their_commit(models, hub_env, tmp_path: Path) -> None:
