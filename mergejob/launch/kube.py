@@ -50,6 +50,8 @@ T = TypeVar("T")
 # silent that long is opened again (from its new lines on).
 REQUEST_TIMEOUT = (10.0, 60.0)
 STREAM_TIMEOUT = (10.0, 300.0)
+# Once a Job is finished, how long its pods' log streams are still read to their end.
+FINISH_GRACE = 60.0
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LAUNCHER_RBAC_HINT = "k8s/base/rbac.yaml"
 
@@ -684,10 +686,12 @@ def _follow_all(
                     thread.start()
             if _finished(read_job(cluster, name)):
                 # Pods that never started will not: stop waiting for them; the others'
-                # containers have ended, so their streams end once read.
+                # containers have ended (or are being stopped), so their streams end once
+                # read; a pod stuck terminating is not waited for past FINISH_GRACE.
                 stop.set()
+                until = time.monotonic() + FINISH_GRACE
                 for thread in threads.values():
-                    thread.join()
+                    thread.join(timeout=max(0.0, until - time.monotonic()))
                 return
             time.sleep(poll_seconds)
     finally:
