@@ -366,7 +366,7 @@ def test_status_and_follow_say_why_a_pod_waits(
     """A job whose token Secret is missing: the kubelet keeps its pod waiting, and the
     launcher says why instead of showing nothing."""
     flags = [*job_flags(Path("/models/base"), ["org/a"], tmp_path / "out"), "--secret-required"]
-    code, _, stderr = kube("submit", *flags, "--name", "nosecret", "--follow", "--timeout", "4")
+    code, _, stderr = kube("submit", *flags, "--name", "nosecret", "--follow", "--timeout", "10")
     assert code == 1
     assert "pod nosecret-" in stderr
     assert 'CreateContainerConfigError: secret "hf-token" not found' in stderr
