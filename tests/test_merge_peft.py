@@ -90,6 +90,46 @@ def test_peft_engine_equals_seed_algorithm_bit_for_bit(
         assert torch.equal(tensor, expected[name]), f"{name} differs from the seed's merge"
 
 
+def _peft_adapter(base: Path, folder: Path, config: Any) -> Path:
+    """An adapter of any PEFT method, its weights random (not the identity init)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    get_peft_model(model, config).save_pretrained(str(folder))
+    return folder
+
+
+def test_methods_the_stream_engine_refuses_merge_here_as_peft_does(
+    models: Any, tmp_path: Path
+) -> None:
+    """LoHa, LoKr and IA3: the stream engine sends them to --engine peft; that must work."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig
+
+    base = models.base(dtype=torch.bfloat16, seed=5)
+    configs = {
+        "loha": LoHaConfig(target_modules=["q_proj", "v_proj"], r=4, init_weights=False),
+        "lokr": LoKrConfig(target_modules=["o_proj"], r=4, init_weights=False),
+        "ia3": IA3Config(
+            target_modules=["q_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            init_ia3_weights=False,
+        ),
+    }
+    before = load_folder(base)
+    for name, config in configs.items():
+        adapter = _peft_adapter(base, tmp_path / name, config)
+        out = _merge(base, [adapter], tmp_path / f"out-{name}", "auto")
+        expected, _ = seed_merge(base, [adapter], torch.bfloat16)
+        got = load_folder(out)
+        assert set(got) == set(expected), name
+        changed = [k for k in got if not torch.equal(got[k], before[k])]
+        assert changed, f"{name}: the merge changed nothing"
+        for key, tensor in got.items():
+            assert torch.equal(tensor, expected[key]), f"{name}: {key} differs from PEFT's merge"
+
+
 def test_auto_dtype_keeps_bf16_where_seed_forced_fp16(models: Any, tmp_path: Path) -> None:
     base = models.base(**BASES["bf16"])
     adapter = models.adapter(base, **ADAPTERS["attn"])
