@@ -66,7 +66,7 @@ from mergejob.shards import RECORDS_DIR, assign_shards
 from mergejob.spec import MergeSpec
 
 if TYPE_CHECKING:
-    from mergejob.pipeline import MergeResult
+    from mergejob.pipeline import InputDigests, MergeResult
     from mergejob.plan import Plan
     from mergejob.publish import HubTarget, ShardUploader
 
@@ -321,6 +321,8 @@ def run_index(
         plan.plan_id[:12],
     )
     uploader = _uploader(ctx)
+    # Index 0 writes the recipe: its inputs are hashed beside its merge and its wait.
+    digests = _input_digests(ctx) if index == 0 and finalize else None
     try:
         with ctx.timings.phase("merge", engine="stream", index=index):
             merged, resumed = merge_shares(
@@ -340,8 +342,15 @@ def run_index(
     )
     if index == 0 and finalize:
         wait_for_indexes(ctx.partial, plan, count, poll_seconds=poll_seconds, timeout=wait_timeout)
-        report.result = finalize_output(ctx, count=count)
+        inputs = digests.result() if digests is not None else None
+        report.result = finalize_output(ctx, count=count, inputs=inputs)
     return report
+
+
+def _input_digests(ctx: _Context) -> InputDigests:
+    from mergejob.pipeline import InputDigests
+
+    return InputDigests(ctx.job)
 
 
 def _uploader(ctx: _Context) -> ShardUploader | None:
@@ -496,7 +505,9 @@ def finalize_job(
     return finalize_output(ctx, count=count)
 
 
-def finalize_output(ctx: _Context, *, count: int | None) -> MergeResult:
+def finalize_output(
+    ctx: _Context, *, count: int | None, inputs: list[dict[str, Any]] | None = None
+) -> MergeResult:
     """Every shard's record checked (re-read for its sha256), then index, config, tokenizer,
     card and recipe, the Hub commit, and the rename into place. A shard whose record does
     not hold is merged again here, so a corrupted file never blocks the job."""
@@ -539,7 +550,7 @@ def finalize_output(ctx: _Context, *, count: int | None) -> MergeResult:
             repo_id=ctx.target.repo_id if ctx.target else None,
             token=ctx.token,
         )
-    pipeline.write_recipe(job, partial, report, ctx.timings)
+    pipeline.write_recipe(job, partial, report, ctx.timings, inputs=inputs)
     marker_path = _finalized_marker(ctx.out_dir)
     marker = _read_json(marker_path)
     published = None
