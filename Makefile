@@ -16,7 +16,7 @@ install:
 
 # The real-Kubernetes tests' binaries are built once (minutes) into $(MERGEJOB_CACHE);
 # with them in place the tests that need them must run, never skip.
-test: kube-binaries
+test: kube-binaries lint
 	$(BIN)/hadolint image/Dockerfile
 	MERGEJOB_REQUIRE_KUBE=1 $(BIN)/python -m pytest -q -ra
 	# The container image: built here (buildah from a debootstrap base when no Docker engine
@@ -32,6 +32,7 @@ test-fast:
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format:
 	$(BIN)/ruff format .

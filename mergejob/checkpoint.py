@@ -12,6 +12,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mergejob.errors import ModelError
 
@@ -103,7 +104,7 @@ class CheckpointIndex:
 
 def read_header(
     path: Path, *, check_size: bool = True
-) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Parse a safetensors header: ``(tensors, __metadata__)``. Reads no tensor data."""
     try:
         with open(path, "rb") as handle:
@@ -140,12 +141,12 @@ def read_header(
     return header, metadata
 
 
-def info_from_header(name: str, info: dict[str, object], shard: str, path: Path) -> TensorInfo:
+def info_from_header(name: str, info: dict[str, Any], shard: str, path: Path) -> TensorInfo:
     dtype = SAFETENSORS_DTYPES.get(str(info.get("dtype")))
     if dtype is None:
         raise ModelError(f"{path}: tensor {name} has unknown dtype {info.get('dtype')}")
-    shape = tuple(int(x) for x in info.get("shape", []))  # type: ignore[attr-defined]
-    start, end = info["data_offsets"]  # type: ignore[misc]
+    shape = tuple(int(x) for x in info.get("shape", []))
+    start, end = info["data_offsets"]
     return TensorInfo(
         name=name, dtype=dtype, shape=shape, shard=shard, nbytes=int(end) - int(start)
     )

@@ -22,7 +22,7 @@ from mergejob.spec import MergeSpec, env_labels, env_overrides, load_spec_file
 log = logging.getLogger("mergejob")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's commands to the ``mergejob`` parser."""
     from mergejob.cli import add_job_arguments, add_logging_arguments
 

@@ -379,7 +379,7 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
             base = resolve_source(spec.base, role="base model", token=token)
             remote = None
         if remote is not None:
-            report.download_bytes += _missing_from_cache(base.repo_id, base.commit, remote)
+            report.download_bytes += _missing_from_cache(str(base.repo_id), base.commit, remote)
     for adapter in adapters:
         if adapter.repo_id is not None:
             report.download_bytes += _folder_bytes(adapter.local_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -216,7 +216,7 @@ def make_adapter(
     if resize_vocab_to is not None:
         model.resize_token_embeddings(resize_vocab_to, mean_resizing=False)
         with torch.no_grad():
-            emb = model.get_input_embeddings().weight
+            emb = cast(torch.Tensor, model.get_input_embeddings().weight)
             emb.copy_(torch.randn(emb.shape, generator=generator) * 0.05)
             out = model.get_output_embeddings()
             if out is not None and out.weight is not emb:

@@ -131,7 +131,7 @@ def check_config_from(
         )
 
 
-def config_class(model_type: str | None) -> type | None:
+def config_class(model_type: str | None) -> Any:
     """transformers' config class for ``model_type``, or None (custom code, unknown)."""
     if not model_type:
         return None

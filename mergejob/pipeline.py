@@ -339,7 +339,7 @@ def write_recipe(
     spec = resolved_spec(job)
     if inputs is None:
         inputs = input_records(job)
-    engine = {"name": report.engine, "device": job.spec.engine.device}
+    engine: dict[str, Any] = {"name": report.engine, "device": job.spec.engine.device}
     if report.tensors_changed is not None:
         engine["tensors_changed"] = report.tensors_changed
     engine.update({k: v for k, v in report.extra.items() if _plain(v)})

@@ -747,7 +747,7 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
         if target is None:
             problems.append(f"{key}: the base has no tensor {module}.weight")
             continue
-        shape = [int(x) for x in info["shape"]]  # type: ignore[index, union-attr]
+        shape = [int(x) for x in info["shape"]]
         out_features, in_features = target.shape[0], target.shape[-1]
         if fan_in_fan_out:
             out_features, in_features = in_features, out_features

@@ -545,8 +545,8 @@ def _logits_check(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-        vocab = merged.get_input_embeddings().weight.shape[0]
-        reference = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        vocab = _embedding_rows(merged)
+        reference: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         if _touches_embeddings(adapter_dirs):
             reference.config.tie_word_embeddings = False
             out_emb = reference.get_output_embeddings()
@@ -554,7 +554,7 @@ def _logits_check(
                 out_emb.weight = torch.nn.Parameter(
                     reference.get_input_embeddings().weight.detach().clone()
                 )
-        if reference.get_input_embeddings().weight.shape[0] != vocab:
+        if _embedding_rows(reference) != vocab:
             reference.resize_token_embeddings(vocab, mean_resizing=False)
         for i, (adapter_dir, weight) in enumerate(zip(adapter_dirs, weights, strict=True)):
             reference = PeftModel.from_pretrained(reference, str(adapter_dir), adapter_name=f"a{i}")
@@ -597,3 +597,8 @@ def _scale_adapter(model: Any, adapter_name: str, weight: float) -> None:
         scaling = getattr(module, "scaling", None)
         if isinstance(scaling, dict) and adapter_name in scaling:
             scaling[adapter_name] *= weight
+
+
+def _embedding_rows(model: Any) -> int:
+    """Rows of a model's input embedding matrix (its vocabulary as the weights hold it)."""
+    return int(model.get_input_embeddings().weight.shape[0])

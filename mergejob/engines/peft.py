@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -57,7 +57,7 @@ def adapter_vocab_rows(adapter_dir: Path, embedding_suffixes: tuple[str, ...]) -
         return None
     header, _ = read_header(path)
     rows = [
-        int(info["shape"][0])  # type: ignore[index]
+        int(info["shape"][0])
         for name, info in header.items()
         if name.endswith(embedding_suffixes) and "lora_" not in name
     ]
@@ -146,7 +146,7 @@ def _load_and_merge(
         untie_embeddings(model)
     for resolved in adapters:
         rows = adapter_vocab_rows(resolved.local_dir, suffixes)
-        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
         if rows is not None and rows != vocab:
             log.info("resizing the vocabulary %d -> %d for %s", vocab, rows, resolved.display)
             model.resize_token_embeddings(rows, mean_resizing=False)

@@ -60,6 +60,11 @@ class TensorRef:
         return count
 
 
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place (for ``readinto``)."""
+    return memoryview(tensor.numpy())  # type: ignore[arg-type]  # numpy's stubs lack Buffer
+
+
 def read_tensor_refs(path: Path) -> dict[str, TensorRef]:
     """Every tensor of a safetensors file as a :class:`TensorRef`, in data order."""
     path = Path(path)
@@ -69,12 +74,12 @@ def read_tensor_refs(path: Path) -> dict[str, TensorRef]:
     start = 8 + length
     refs: dict[str, TensorRef] = {}
     for key, info in header.items():
-        code = str(info.get("dtype"))  # type: ignore[union-attr]
+        code = str(info.get("dtype"))
         dtype = SAFETENSORS_DTYPES.get(code)
         if dtype is None:
             raise ModelError(f"{path}: tensor {key} has unknown dtype {code}")
-        shape = tuple(int(x) for x in info.get("shape", []))  # type: ignore[union-attr]
-        begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
+        shape = tuple(int(x) for x in info.get("shape", []))
+        begin, end = (int(x) for x in info["data_offsets"])
         numel = 1
         for dim in shape:
             numel *= dim
@@ -126,7 +131,7 @@ class FileReader:
     def tensor(self, ref: TensorRef) -> torch.Tensor:
         """A fresh tensor holding ``ref`` (for small tensors: adapter factors)."""
         out = torch.empty(ref.nbytes, dtype=torch.uint8)
-        self.read_into(ref.path, ref.offset, memoryview(out.numpy()))
+        self.read_into(ref.path, ref.offset, byte_view(out))
         return out.view(getattr(torch, ref.dtype)).reshape(ref.shape)
 
     def close(self) -> None:

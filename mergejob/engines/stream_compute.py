@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergejob.engines.safetensors_io import FileReader, TensorRef
+from mergejob.engines.safetensors_io import FileReader, TensorRef, byte_view
 from mergejob.errors import MergeFailedError
 from mergejob.plan import OutputTensor, TensorOp
 
@@ -147,7 +147,7 @@ class TensorComputer:
         dtype = getattr(torch, ref.dtype)
         item = _itemsize(dtype)
         raw = self._buffer("read", (row1 - row0) * cols * item, torch.device("cpu"))
-        self.reader.read_into(ref.path, ref.offset + row0 * cols * item, memoryview(raw.numpy()))
+        self.reader.read_into(ref.path, ref.offset + row0 * cols * item, byte_view(raw))
         return raw.view(dtype).view(row1 - row0, cols)
 
     def _factor(self, ref: TensorRef) -> torch.Tensor:
@@ -183,7 +183,7 @@ class TensorComputer:
         while done < source.nbytes:
             step = min(COPY_BYTES, source.nbytes - done)
             slot, raw = self.ring.acquire(step)
-            view = memoryview(raw.numpy())
+            view = byte_view(raw)
             try:
                 self.reader.read_into(source.path, source.offset + done, view)
             except BaseException:
@@ -201,7 +201,7 @@ class TensorComputer:
             src = self._read_rows(source, row0, row1, cols)
             slot, raw = self.ring.acquire((row1 - row0) * cols * _itemsize(out_dtype))
             raw.view(out_dtype).view(row1 - row0, cols).copy_(src)
-            yield Chunk(memoryview(raw.numpy()), slot)
+            yield Chunk(byte_view(raw), slot)
 
     def _merge(self, tensor: OutputTensor) -> Iterator[Chunk]:
         rows, cols = _rows_and_cols(tensor.shape)
@@ -252,7 +252,7 @@ class TensorComputer:
             rounded = self._typed("out-dev", out_dtype, (row1 - row0, cols), self.device)
             rounded.copy_(w32)
             out.copy_(rounded)
-        return Chunk(memoryview(raw.numpy()), slot)
+        return Chunk(byte_view(raw), slot)
 
     def _apply(self, op: TensorOp, w32: torch.Tensor, row0: int, row1: int, cols: int) -> None:
         if op.kind == "replace":

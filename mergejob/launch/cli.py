@@ -35,7 +35,7 @@ from mergejob.spec import MergeSpec
 log = logging.getLogger("mergejob")
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the launcher's commands to the ``mergejob`` parser."""
     from mergejob.cli import add_job_arguments, add_logging_arguments
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import urllib3
 from kubernetes import client as k8s
@@ -705,7 +705,7 @@ def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> 
     ns = cluster.namespace
     while True:
         try:
-            response = cluster.call(
+            raw: Any = cluster.call(
                 Action("get", "pods/log", ns, pod),
                 cluster.core.read_namespaced_pod_log,
                 pod,
@@ -716,6 +716,7 @@ def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> 
                 _preload_content=False,
                 _request_timeout=STREAM_TIMEOUT,
             )
+            response = cast(urllib3.HTTPResponse, raw)  # _preload_content=False: not a str
         except (InvalidObjectError, NotFoundError):
             return False
         silent = False

@@ -265,7 +265,7 @@ class JobObjects:
     @property
     def spec_sha256(self) -> str:
         """The spec's hash, as annotated on the objects."""
-        return str(self.job.metadata.annotations[SPEC_SHA_ANNOTATION])
+        return str((self.job.metadata.annotations or {})[SPEC_SHA_ANNOTATION])
 
 
 # ---------------------------------------------------------------------------------------

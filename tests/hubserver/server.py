@@ -381,7 +381,7 @@ class HubTestServer:
         """Add (or extend) a user; `orgs` as names (write role) or {org: role}."""
         account = self.accounts.setdefault(name, HubAccount(name))
         roles: Mapping[str, Role] = (
-            orgs if isinstance(orgs, Mapping) else dict.fromkeys(orgs, cast(Role, "write"))
+            orgs if isinstance(orgs, Mapping) else dict.fromkeys(orgs, "write")
         )
         account.orgs.update(roles)
         if token is not None:
