@@ -42,7 +42,7 @@ demo:
 	$(BIN)/python -m mergejob.demo
 
 clean:
-	rm -rf demo-output .pytest_cache .ruff_cache
+	rm -rf demo-output .pytest_cache .ruff_cache .mypy_cache
 
 # Container image: make image, make image-test (see image/Makefile.inc).
 include image/Makefile.inc

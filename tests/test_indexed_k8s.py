@@ -138,7 +138,8 @@ def test_indexed_job_runs_end_to_end_on_a_real_api_server(
     lines = stdout.splitlines()
     pods = {name: f"[{name}] " for name in seen}
     for name, prefix in pods.items():
-        assert any(line.startswith(prefix) and "phase merge start" in line for line in lines), name
+        found = any(line.startswith(prefix) and "phase merge start" in line for line in lines)
+        assert found, f"{name}: no prefixed log line in --follow's output:\n{stdout}"
     log_lines = [line for line in lines if line.startswith("[")]
     assert all(any(line.startswith(p) for p in pods.values()) for line in log_lines)
     for i in (1, 2):

@@ -341,6 +341,29 @@ def test_resubmitting_is_refused_clearly_and_replace_starts_over(
     assert code == 2 and f"no job 'nope' in namespace {ns}" in stderr
 
 
+@pytest.mark.parametrize("cut_after", [300, 5])
+def test_follow_survives_a_cut_log_stream_without_losing_or_repeating_a_line(
+    kube: Kube, kubelet: FakeKubelet, models: ModelFactory, tmp_path: Path, cut_after: int
+) -> None:
+    """The pod's log stream ends early (a proxy, a kubelet restart): `--follow` reads on from
+    where it was, so its output holds the container's log once, whole, in order."""
+    base = models.base()
+    adapter = models.adapter(base)
+    kubelet.cut_log_streams = 1
+    kubelet.cut_after_bytes = cut_after
+    name = f"cut{cut_after}"
+    code, stdout, stderr = kube(
+        "submit", *job_flags(base, [adapter], tmp_path / "out"), "--name", name,
+        "--no-secret", "--follow",
+    )  # fmt: skip
+    assert code == 0, stderr + "\n".join(kubelet.errors)
+    assert kubelet.log_streams_cut == 1
+    log = kubelet.wait_for_run(name).output
+    assert "merged model written to" in log
+    assert log in stdout
+    assert stdout.count("phase merge start") == 1
+
+
 def test_user_without_rights_gets_a_403_naming_the_missing_permission(
     kube: Kube, kube_cluster: LocalCluster, kube_namespace: str
 ) -> None:

@@ -52,6 +52,8 @@ REQUEST_TIMEOUT = (10.0, 60.0)
 STREAM_TIMEOUT = (10.0, 300.0)
 # Once a Job is finished, how long its pods' log streams are still read to their end.
 FINISH_GRACE = 60.0
+# Reopenings in a row of a pod's log stream that bring nothing before following it stops.
+FOLLOW_RETRIES = 5
 IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 LAUNCHER_RBAC_HINT = "k8s/base/rbac.yaml"
 
@@ -652,16 +654,20 @@ def _follow_all(
     said: dict[str, str] = {}
 
     def follow_one(pod_name: str, sink: _PrefixedLines) -> None:
+        said = ""
         try:
             # Once more after ``stop``: a pod may have run and ended since the last look.
             while True:
-                if _follow_pod(cluster, pod_name, sink, tail=tail):
-                    return
+                try:
+                    if _follow_pod(cluster, pod_name, sink, tail=tail):
+                        return
+                except MergeJobError as exc:  # unreachable, rights: say so once, keep trying
+                    if str(exc) != said:
+                        log.warning("log of pod %s: %s", pod_name, exc)
+                        said = str(exc)
                 if stop.is_set():
                     return
                 stop.wait(poll_seconds)  # not started yet
-        except MergeJobError as exc:  # the pod went away, rights changed: say so, go on
-            log.warning("log of pod %s: %s", pod_name, exc)
         finally:
             sink.close()
 
@@ -701,8 +707,18 @@ def _follow_all(
 
 
 def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> bool:
-    """Stream one pod's log until its container ends; False if it has not started yet."""
+    """Stream one pod's log until its container ends; False if it has not started yet.
+
+    A stream that breaks or goes silent is opened again: from the log's start, skipping the
+    bytes already written (the log only grows), so no line is lost or printed twice; after
+    ``tail`` lines, for the new lines only. Gives up (True) after ``FOLLOW_RETRIES``
+    reopenings in a row that bring nothing.
+    """
     ns = cluster.namespace
+    seen = 0  # bytes written to ``out``, counted from the log's start when ``tail`` is None
+    from_start = tail is None
+    first = True
+    idle = 0
     while True:
         try:
             raw: Any = cluster.call(
@@ -712,28 +728,58 @@ def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> 
                 ns,
                 container=CONTAINER_NAME,
                 follow=True,
-                tail_lines=tail,
+                tail_lines=tail if first or not from_start else None,
                 _preload_content=False,
                 _request_timeout=STREAM_TIMEOUT,
             )
             response = cast(urllib3.HTTPResponse, raw)  # _preload_content=False: not a str
         except (InvalidObjectError, NotFoundError):
-            return False
-        silent = False
+            return not first  # not started yet; or gone since: nothing more to read
+        except ClusterUnreachableError as exc:
+            if first:
+                raise  # nothing written yet: the caller may try again from the start
+            if idle >= FOLLOW_RETRIES:
+                log.warning("log of %s: %s; stopped following it", pod, exc)
+                return True
+            log.debug("log of %s: %s; trying again", pod, exc)
+            idle += 1
+            time.sleep(min(2.0**idle, 10.0))
+            continue
+        skip = seen if from_start and not first else 0
+        before = seen
+        ended = broken = False
         try:
             for chunk in response.stream(4096, decode_content=True):
-                out.write(chunk)
-                out.flush()
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                    seen += len(chunk)
+            ended = True
         except urllib3.exceptions.ReadTimeoutError:
-            silent = True
+            pass  # nothing for a while: the stream may be stale; open it again
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            log.debug("log stream of %s ended: %r", pod, exc)
+            log.debug("log stream of %s broke: %r; opening it again", pod, exc)
+            broken = True
         finally:
             response.release_conn()
-        if not silent:
+        if ended:
+            if not _still_running(cluster, pod):
+                if from_start:  # a stream cut as the container ended: the rest, once
+                    _write_rest(cluster, pod, out, seen)
+                return True
+            # Ended while the container runs on (a proxy or a kubelet restart cut it, or
+            # its end is not in the pod's status yet): open it again.
+            time.sleep(0.5)
+        first = False
+        if not from_start:
+            tail = 0  # after a tail: the new lines only
+        idle = idle + 1 if broken and seen == before else 0
+        if idle > FOLLOW_RETRIES:
+            log.warning("log of %s: the stream keeps breaking; stopped following it", pod)
             return True
-        # Nothing for a while: the stream may be stale; reopen it for new lines only.
-        tail = 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -950,6 +996,40 @@ def _duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
     return f"{seconds // 86400}d"
+
+
+def _write_rest(cluster: Cluster, pod: str, out: _Sink, seen: int) -> None:
+    """Write what a finished container's whole log holds past its first ``seen`` bytes."""
+    try:
+        raw: Any = cluster.call(
+            Action("get", "pods/log", cluster.namespace, pod),
+            cluster.core.read_namespaced_pod_log,
+            pod,
+            cluster.namespace,
+            container=CONTAINER_NAME,
+            _preload_content=False,
+        )
+    except MergeJobError:
+        return  # gone since: what was read is all there is
+    data = bytes(cast(urllib3.HTTPResponse, raw).data)
+    if len(data) > seen:
+        out.write(data[seen:])
+        out.flush()
+
+
+def _still_running(cluster: Cluster, pod: str) -> bool:
+    """Whether the pod's merge container still runs (its log may grow)."""
+    try:
+        obj = cluster.call(
+            Action("get", "pods", cluster.namespace, pod),
+            cluster.core.read_namespaced_pod,
+            pod,
+            cluster.namespace,
+        )
+    except MergeJobError:
+        return False  # gone, or not readable: nothing more to follow
+    container = _container_status(obj)
+    return bool(container and container.state and container.state.running)
 
 
 def _container_status(pod: k8s.V1Pod) -> k8s.V1ContainerStatus | None:

@@ -254,6 +254,13 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
             return remaining is None or remaining > 0
 
+        kubelet = self.server.kubelet
+        with kubelet._lock:
+            cut = follow and kubelet.cut_log_streams > 0
+            if cut:
+                kubelet.cut_log_streams -= 1
+        if cut:
+            remaining = kubelet.cut_after_bytes
         chunks, index, closed = stream.read_from(0, 0)
         first = b"".join(chunks)
         if tail is not None:
@@ -268,6 +275,10 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
                     return
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
             return
+        finally:
+            if cut and remaining is not None and remaining <= 0:
+                with kubelet._lock:
+                    kubelet.log_streams_cut += 1
 
 
 class _LogServer(http.server.ThreadingHTTPServer):
@@ -327,6 +338,11 @@ class FakeKubelet:
         self.retry_seconds = retry_seconds
         self.runs: dict[tuple[str, str], ContainerRun] = {}
         self.errors: list[str] = []
+        # Fault: the next `cut_log_streams` followed log streams end (as if a proxy or a
+        # kubelet restart cut them) once `cut_after_bytes` have been sent.
+        self.cut_log_streams = 0
+        self.cut_after_bytes = 0
+        self.log_streams_cut = 0
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._ctx.load_cert_chain(str(cert_path), str(key_path))
         self._server: _LogServer | None = None
