@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -389,10 +390,28 @@ def test_status_and_follow_say_why_a_pod_waits(
     """A job whose token Secret is missing: the kubelet keeps its pod waiting, and the
     launcher says why instead of showing nothing."""
     flags = [*job_flags(Path("/models/base"), ["org/a"], tmp_path / "out"), "--secret-required"]
-    code, _, stderr = kube("submit", *flags, "--name", "nosecret", "--follow", "--timeout", "10")
-    assert code == 1
+    code, _, stderr = kube("submit", *flags, "--name", "nosecret")
+    assert code == 0, stderr
+    core = k8s.CoreV1Api(kubelet.api_client)
+
+    def waiting_reason() -> str | None:
+        for pod in core.list_namespaced_pod(kubelet.namespace).items:
+            for status in pod.status.container_statuses or []:
+                if status.state and status.state.waiting:
+                    return str(status.state.waiting.reason)
+        return None
+
+    deadline = time.monotonic() + 60  # the kubelet stand-in says why once it has tried
+    while waiting_reason() != "CreateContainerConfigError" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert waiting_reason() == "CreateContainerConfigError", kubelet.errors
+
+    code, _, stderr = kube("logs", "nosecret", "--follow", "--timeout", "3")
+    assert code == 0, stderr
     assert "pod nosecret-" in stderr
     assert 'CreateContainerConfigError: secret "hf-token" not found' in stderr
+    code, _, stderr = kube("wait", "nosecret", "--timeout", "2")
+    assert code == 1
     assert (
         f"job {kubelet.namespace}/nosecret is still pending (CreateContainerConfigError" in stderr
     )

@@ -103,6 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     logs.add_argument("--tail", type=int, help="only the last N lines")
     logs.add_argument("--all-pods", action="store_true", help="every pod's log, retries too")
+    logs.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --follow: stop after this long"
+    )
     add_logging_arguments(logs)
     logs.set_defaults(func=cmd_logs)
 
@@ -500,6 +503,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     cluster = _connect(args)
     try:
         sys.stdout.flush()
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
         kube.stream_logs(
             cluster,
             args.name,
@@ -508,6 +512,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             tail=args.tail,
             all_pods=args.all_pods,
             notify=_notify,
+            deadline=deadline,
         )
     finally:
         cluster.close()
