@@ -66,7 +66,7 @@ from mergejob.shards import RECORDS_DIR, assign_shards
 from mergejob.spec import MergeSpec
 
 if TYPE_CHECKING:
-    from mergejob.pipeline import InputDigests, MergeResult
+    from mergejob.pipeline import MergeResult
     from mergejob.plan import Plan
     from mergejob.publish import HubTarget, ShardUploader
 
@@ -322,7 +322,9 @@ def run_index(
     )
     uploader = _uploader(ctx)
     # Index 0 writes the recipe: its inputs are hashed beside its merge and its wait.
-    digests = _input_digests(ctx) if index == 0 and finalize else None
+    from mergejob.pipeline import InputDigests
+
+    digests = InputDigests(ctx.job) if index == 0 and finalize else None
     try:
         with ctx.timings.phase("merge", engine="stream", index=index):
             merged, resumed = merge_shares(
@@ -345,12 +347,6 @@ def run_index(
         inputs = digests.result() if digests is not None else None
         report.result = finalize_output(ctx, count=count, inputs=inputs)
     return report
-
-
-def _input_digests(ctx: _Context) -> InputDigests:
-    from mergejob.pipeline import InputDigests
-
-    return InputDigests(ctx.job)
 
 
 def _uploader(ctx: _Context) -> ShardUploader | None:
@@ -561,7 +557,7 @@ def finalize_output(
             published = pipeline.publish_output(job, partial, ctx.target, None, ctx.token)
         _write_json(marker_path, {"plan_id": plan.plan_id, "published": published.commit_url})
     # Last: the records and markers (a crash before this point redoes the step).
-    shutil.rmtree(partial / RECORDS_DIR, ignore_errors=True)
+    output.drop_records(partial)
     shutil.rmtree(partial / INDEXES_DIR, ignore_errors=True)
     if ctx.temporary:
         files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
@@ -595,14 +591,7 @@ def _unfinished(plan: Plan, partial: Path) -> list[str]:
 def _remove_foreign_files(plan: Plan, partial: Path) -> None:
     """What no index of this plan wrote (other plans' shards, half-written files, a crashed
     finaliser's extras) goes before the finaliser writes; records and markers stay."""
-    keep = {s.name for s in plan.shards} | {RECORDS_DIR, INDEXES_DIR}
-    for path in Path(partial).iterdir():
-        if path.name in keep:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    output.remove_all_but(partial, {s.name for s in plan.shards} | {RECORDS_DIR, INDEXES_DIR})
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

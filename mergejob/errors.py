@@ -7,6 +7,8 @@ retry can help: 2 for bad input (never worth a retry), 1 for anything else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -66,3 +68,10 @@ class MergeFailedError(MergeJobError):
 
 class PublishError(MergeJobError):
     """Uploading to the Hub failed after the client's own retries."""
+
+
+def listing(items: Sequence[str], limit: int = 20) -> str:
+    """``items`` as indented lines for an error message, the first ``limit`` and a count."""
+    shown = "".join(f"\n  {item}" for item in items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more

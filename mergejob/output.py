@@ -70,6 +70,17 @@ def discard_partial(output_dir: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def remove_all_but(folder: Path, keep: set[str]) -> None:
+    """Remove every entry of ``folder`` (files and folders) whose name is not in ``keep``."""
+    for path in Path(folder).iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def drop_records(partial: Path) -> None:
     """Remove the stream engine's per-shard records from a finished partial folder."""
     shutil.rmtree(Path(partial) / RECORDS_DIR, ignore_errors=True)

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from mergejob import model_config, output, recipe, settings
 from mergejob.checkpoint import CheckpointIndex
-from mergejob.errors import InputError, InputsChangedError, MergeFailedError, ModelError
+from mergejob.errors import (
+    InputError,
+    InputsChangedError,
+    MergeFailedError,
+    ModelError,
+    listing,
+)
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.plan import check_lora_shapes, plan_for_job
 from mergejob.recipe import Timings
@@ -166,11 +172,12 @@ def merge(
     output.check_output_dir(out_dir, overwrite=spec.output.overwrite or temporary)
     timings = Timings()
     job = prepare(spec, token=token, timings=timings)
-    digests: InputDigests | list[dict[str, Any]]
+    inputs_of: Callable[[], list[dict[str, Any]]]
     if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
-        digests = check_recorded_inputs(job, recorded_inputs, timings)
+        checked = check_recorded_inputs(job, recorded_inputs, timings)
+        inputs_of = lambda: checked  # noqa: E731 - one of two ways to the same answer
     else:
-        digests = InputDigests(job)  # for the recipe, beside the merge
+        inputs_of = InputDigests(job).result  # for the recipe, beside the merge
     # The stream engine resumes from the finished shards an interrupted run left behind.
     resumable = spec.engine.name == "stream"
     partial = output.open_partial(out_dir, resume=resumable)
@@ -186,8 +193,7 @@ def merge(
             write_card(
                 job, partial, report, repo_id=target.repo_id if target else None, token=token
             )
-        inputs = digests if isinstance(digests, list) else digests.result()
-        write_recipe(job, partial, report, timings, inputs=inputs)
+        write_recipe(job, partial, report, timings, inputs=inputs_of())
         complete = True
         if target is not None:
             with timings.phase("publish", repo=target.display):
@@ -287,11 +293,9 @@ def check_recorded_inputs(
         current = input_records(job)
     changes = recipe.input_changes(recorded, current)
     if changes:
-        shown = "\n  ".join(changes[:20])
-        more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
         raise InputsChangedError(
-            f"the inputs differ from those the recipe recorded ({len(changes)} file(s)):\n  "
-            f"{shown}{more}\nthe output would not reproduce the recipe's; restore those "
+            f"the inputs differ from those the recipe recorded ({len(changes)} file(s)):"
+            f"{listing(changes)}\nthe output would not reproduce the recipe's; restore those "
             "files, or delete the recipe: section of the spec file to merge the inputs as "
             "they are now"
         )

@@ -35,7 +35,7 @@ from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, read_adapter
 from mergejob.checkpoint import FLOAT_DTYPES, CheckpointIndex, read_header
 from mergejob.engines.safetensors_io import DTYPE_SIZES, TensorRef, read_tensor_refs
-from mergejob.errors import IncompatibleAdapterError, ModelError
+from mergejob.errors import IncompatibleAdapterError, ModelError, listing
 from mergejob.shards import pack_shards, shard_file_names
 
 log = logging.getLogger(__name__)
@@ -760,9 +760,7 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
                 f"{key}: shape {shape} does not fit {module}.weight {list(target.shape)}"
             )
     if problems:
-        listed = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise IncompatibleAdapterError(
             f"{weights}: adapter does not fit base {base.folder} (was it trained on another "
-            f"model?):\n  {listed}{more}"
+            f"model?):{listing(problems)}"
         )

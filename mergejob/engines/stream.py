@@ -31,7 +31,6 @@ import math
 import multiprocessing
 import os
 import queue
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -220,7 +219,7 @@ def finalize(
     output.copy_tokenizer(tokenizer, partial_dir)
     output.copy_generation_config(Path(plan.base_dir), partial_dir)
     if not keep_records:
-        shutil.rmtree(partial_dir / RECORDS_DIR, ignore_errors=True)
+        output.drop_records(partial_dir)
     return records
 
 
@@ -243,13 +242,7 @@ def write_config(plan: Plan, out_dir: Path) -> None:
 def clean_partial(plan: Plan, partial_dir: Path) -> None:
     """Remove what a rerun cannot use: files of other plans and half-written shards."""
     keep = {shard.name for shard in plan.shards} | {RECORDS_DIR}
-    for path in Path(partial_dir).iterdir():
-        if path.name in keep:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    output.remove_all_but(partial_dir, keep)
     records = Path(partial_dir) / RECORDS_DIR
     if records.is_dir():
         for path in records.iterdir():

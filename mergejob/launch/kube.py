@@ -728,7 +728,7 @@ def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> 
                 ns,
                 container=CONTAINER_NAME,
                 follow=True,
-                tail_lines=tail if first or not from_start else None,
+                tail_lines=tail,
                 _preload_content=False,
                 _request_timeout=STREAM_TIMEOUT,
             )
