@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_plan_estimate.py rates
     .venv/bin/python bench/bench_plan_estimate.py check --dir /tmp/mergejob-bench --runs 2
 
-``rates`` measures the throughput constants of :class:`mergejob.estimate.Throughput` and the
+``rates`` measures the throughput constants of :class:`mergejob.plan.report.Throughput` and the
 resident size of a merge process before its buffers (``BASE_RSS``) on this machine.
 
 ``check`` uses the 1B benchmark fixture of ``bench/bench_stream.py`` (a TinyLlama-1.1B-shaped

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
 
     from mergejob.engines.stream import merge_plan
-    from mergejob.plan import build_plan
+    from mergejob.plan.work import build_plan
 
     parser = argparse.ArgumentParser(prog="check_exact.py")
     parser.add_argument("--dir", required=True)

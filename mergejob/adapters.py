@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.engines.safetensors_io import TensorRef, read_tensor_refs
 from mergejob.errors import AdapterError, IncompatibleAdapterError, UnsupportedAdapterError
+from mergejob.io.tensors import TensorRef, read_tensor_refs
 
 PEFT_PREFIX = "base_model.model."
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")

@@ -152,8 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace, spec: MergeSpec, token: str | None) -> int:
     """``mergejob run --index I --index-count N`` (or ``--finalize``): one index of a merge
-    split over workers, see :mod:`mergejob.distributed`."""
-    from mergejob import distributed
+    split over workers, see :mod:`mergejob.indexed`."""
+    from mergejob import indexed as distributed
 
     env_index, env_count = distributed.index_from_env()
     index = args.index if args.index is not None else env_index
@@ -188,7 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: bool = False) -> int:
     """Build the job's plan report, print it, and return the exit code it calls for."""
-    from mergejob.estimate import plan_report
+    from mergejob.plan.report import plan_report
 
     report = plan_report(spec, token=token, strict=strict)
     if as_json:

@@ -466,7 +466,7 @@ _EMBEDDING_TAGS = ("embed", "wte", "lm_head", "word_embeddings", "embed_in", "em
 def merged_vocab_size(base_config: Mapping[str, Any], adapter_dirs: list[Path]) -> int | None:
     """The vocabulary the output will have: the base's, or the rows of the last adapter that
     saves its embeddings in full (a resized vocabulary). Reads safetensors headers only."""
-    from mergejob.checkpoint import read_header
+    from mergejob.io.checkpoint import read_header
 
     vocab = text_part(base_config).get("vocab_size")
     hidden = shape_signature(base_config).get("hidden_size")

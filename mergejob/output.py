@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergejob.errors import OutputExistsError
-from mergejob.shards import RECORDS_DIR
+from mergejob.io.shards import RECORDS_DIR
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergejob import model_config, output, recipe, settings
-from mergejob.checkpoint import CheckpointIndex
 from mergejob.errors import (
     InputError,
     InputsChangedError,
@@ -22,8 +21,9 @@ from mergejob.errors import (
     ModelError,
     listing,
 )
+from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.job import EngineReport, PreparedJob
-from mergejob.plan import check_lora_shapes, plan_for_job
+from mergejob.plan.work import check_lora_shapes, plan_for_job
 from mergejob.recipe import Timings
 from mergejob.sources import (
     ADAPTER_PATTERNS,

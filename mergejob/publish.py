@@ -572,7 +572,7 @@ class ShardUploader:
 
 def _recorded_sha256(path: Path) -> str | None:
     """The sha256 the stream engine recorded for this shard when it wrote it, if any."""
-    from mergejob.shards import read_record
+    from mergejob.io.shards import read_record
 
     record = read_record(path.parent, path.name)
     if record is None:

@@ -1,4 +1,4 @@
-"""Every environment variable mergejob reads, in one place.
+"""Every environment variable mergejob reads and every file name it uses, in one place.
 
 | variable | meaning |
 | --- | --- |
@@ -7,13 +7,18 @@
 | ``MERGEJOB_LOG_FORMAT`` | ``text`` (default) or ``json`` log lines |
 | ``MERGEJOB_DISABLE_PROGRESS_BARS`` | ``1`` turns tqdm bars off (also off when stderr is not a TTY) |
 | ``HF_TOKEN`` / ``HF_TOKEN_PATH`` | the Hub token, or a file holding it (a mounted Secret); ``HF_TOKEN`` wins |
+| ``JOB_COMPLETION_INDEX``, ``MERGEJOB_INDEX_COUNT`` | this pod's index and the number of indices of an Indexed Job |
+| ``KUBECONFIG``, ``KUBERNETES_SERVICE_HOST`` | the launcher's cluster (kubeconfig file, or in-cluster) |
 | ``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` | honoured through huggingface_hub |
+
+And every file name mergejob writes or looks for (``RECIPE_FILE``, ``ADAPTER_WEIGHTS_FILE``...).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 DEFAULT_CONFIG_PATH = "/etc/mergejob/config.yaml"
 
@@ -72,3 +77,100 @@ def hub_token() -> str | None:
     if not token:
         raise TokenError(f"HF_TOKEN_PATH={path}: the token file is empty")
     return token
+
+
+# ---------------------------------------------------------------------------------------
+# The spec's environment layer (``mergejob run``): MERGEJOB_<NAME> -> spec field.
+SPEC_VARIABLES: dict[str, str] = {
+    "MERGEJOB_BASE": "base.path",
+    "MERGEJOB_BASE_REVISION": "base.revision",
+    "MERGEJOB_TRUST_REMOTE_CODE": "base.trust_remote_code",
+    "MERGEJOB_ADAPTERS": "adapters",
+    "MERGEJOB_OUTPUT_DIR": "output.dir",
+    "MERGEJOB_DTYPE": "output.dtype",
+    "MERGEJOB_MAX_SHARD_SIZE": "output.max_shard_size",
+    "MERGEJOB_OVERWRITE": "output.overwrite",
+    "MERGEJOB_ENGINE": "engine.name",
+    "MERGEJOB_DEVICE": "engine.device",
+    "MERGEJOB_WORKERS": "engine.workers",
+    "MERGEJOB_MAX_MEMORY": "engine.max_memory",
+    "MERGEJOB_OFFLOAD_FOLDER": "engine.offload_folder",
+    "MERGEJOB_CONFIG_FROM": "config.config_from",
+    "MERGEJOB_CONFIG_OVERRIDES": "config.overrides",
+    "MERGEJOB_PUBLISH_REPO_ID": "publish.repo_id",
+    "MERGEJOB_PUBLISH_PRIVATE": "publish.private",
+    "MERGEJOB_PUBLISH_REVISION": "publish.revision",
+    "MERGEJOB_PUBLISH_CREATE_PR": "publish.create_pr",
+    "MERGEJOB_PUBLISH_COMMIT_MESSAGE": "publish.commit_message",
+    "MERGEJOB_PUBLISH_DELETE_UPLOADED": "publish.delete_uploaded",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# File names: every name mergejob writes or looks for, defined once.
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+SINGLE_SAFETENSORS_FILE = "model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+RECIPE_FILE = "mergejob.yaml"
+CARD_FILE = "README.md"
+# PEFT saves adapter tensors under the wrapped model's attribute path.
+PEFT_PREFIX = "base_model.model."
+
+# ---------------------------------------------------------------------------------------
+# An Indexed Job: Kubernetes sets the index; the Job's environment gives the count.
+
+INDEX_ENV = "JOB_COMPLETION_INDEX"
+INDEX_COUNT_ENV = "MERGEJOB_INDEX_COUNT"
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment, for the few readers that take a whole mapping (the spec's
+    ``MERGEJOB_*`` layer, a child process's environment); read nowhere else."""
+    return os.environ
+
+
+def index_variables(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The raw ``(JOB_COMPLETION_INDEX, MERGEJOB_INDEX_COUNT)`` values ('' where unset)."""
+    env = os.environ if env is None else env
+    return (env.get(INDEX_ENV) or "").strip(), (env.get(INDEX_COUNT_ENV) or "").strip()
+
+
+def token_source() -> str:
+    """Where the Hub token comes from, for messages (never the token itself)."""
+    if os.environ.get("HF_TOKEN", "").strip():
+        return "HF_TOKEN"
+    path = os.environ.get("HF_TOKEN_PATH", "")
+    if path:
+        return f"HF_TOKEN_PATH={path}"
+    return "the huggingface_hub login (hf auth login)"
+
+
+def known_secrets() -> list[str]:
+    """Every token value the environment holds (``HF_TOKEN`` and the content of
+    ``HF_TOKEN_PATH``), for the log filter and for refusing them in objects; never raises."""
+    secrets = []
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if token:
+        secrets.append(token)
+    path = os.environ.get("HF_TOKEN_PATH", "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                secrets.append(handle.read().strip())
+        except (OSError, UnicodeDecodeError):
+            pass  # reported as bad input when the job asks for the token
+    return [s for s in secrets if len(s) >= 4]
+
+
+def kubeconfig_path(explicit: str | None = None) -> str:
+    """``--kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``."""
+    return explicit or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+def in_cluster() -> bool:
+    """Whether this process runs in a Kubernetes pod (the service host is set)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergejob import settings
 from mergejob.errors import SpecError
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -441,35 +442,13 @@ def build_spec(
         raise SpecError(format_validation_error(exc, origin, labels)) from None
 
 
-# Environment overrides for ``mergejob run``: MERGEJOB_<NAME> -> spec field.
-ENV_FIELDS: dict[str, str] = {
-    "MERGEJOB_BASE": "base.path",
-    "MERGEJOB_BASE_REVISION": "base.revision",
-    "MERGEJOB_TRUST_REMOTE_CODE": "base.trust_remote_code",
-    "MERGEJOB_ADAPTERS": "adapters",
-    "MERGEJOB_OUTPUT_DIR": "output.dir",
-    "MERGEJOB_DTYPE": "output.dtype",
-    "MERGEJOB_MAX_SHARD_SIZE": "output.max_shard_size",
-    "MERGEJOB_OVERWRITE": "output.overwrite",
-    "MERGEJOB_ENGINE": "engine.name",
-    "MERGEJOB_DEVICE": "engine.device",
-    "MERGEJOB_WORKERS": "engine.workers",
-    "MERGEJOB_MAX_MEMORY": "engine.max_memory",
-    "MERGEJOB_OFFLOAD_FOLDER": "engine.offload_folder",
-    "MERGEJOB_CONFIG_FROM": "config.config_from",
-    "MERGEJOB_CONFIG_OVERRIDES": "config.overrides",
-    "MERGEJOB_PUBLISH_REPO_ID": "publish.repo_id",
-    "MERGEJOB_PUBLISH_PRIVATE": "publish.private",
-    "MERGEJOB_PUBLISH_REVISION": "publish.revision",
-    "MERGEJOB_PUBLISH_CREATE_PR": "publish.create_pr",
-    "MERGEJOB_PUBLISH_COMMIT_MESSAGE": "publish.commit_message",
-    "MERGEJOB_PUBLISH_DELETE_UPLOADED": "publish.delete_uploaded",
-}
+# Environment overrides for ``mergejob run``: defined in settings, with every variable.
+ENV_FIELDS = settings.SPEC_VARIABLES
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The ``MERGEJOB_*`` variables set in ``environ`` as dotted spec overrides."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     result: dict[str, Any] = {}
     for name, dotted in ENV_FIELDS.items():
         raw = environ.get(name)

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.checkpoint import CheckpointIndex
 from mergejob.errors import InputError, ModelError
+from mergejob.io.checkpoint import CheckpointIndex
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +583,7 @@ def _logits_check(
 
 
 def _touches_embeddings(adapter_dirs: list[Path]) -> bool:
-    from mergejob.checkpoint import read_header
+    from mergejob.io.checkpoint import read_header
 
     for adapter_dir in adapter_dirs:
         header, _ = read_header(adapter_weights_path(adapter_dir))

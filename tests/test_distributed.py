@@ -18,9 +18,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergejob.distributed import device_shares, index_from_env, index_shards
 from mergejob.errors import SpecError
-from mergejob.shards import RECORDS_DIR
+from mergejob.indexed import device_shares, index_from_env, index_shards
+from mergejob.io.shards import RECORDS_DIR
 from tests.conftest import ModelFactory
 
 RunCli = Callable[..., tuple[int, str, str]]

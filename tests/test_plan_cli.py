@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergejob.checkpoint import CheckpointIndex
+from mergejob.io.checkpoint import CheckpointIndex
 
 
 @pytest.fixture(scope="module")

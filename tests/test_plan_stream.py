@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergejob.errors import IncompatibleAdapterError
-from mergejob.plan import build_plan
+from mergejob.plan.work import build_plan
 from tests.test_stream_fidelity import bitwise_equal, load_folder, peft_merge
 
 

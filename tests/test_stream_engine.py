@@ -23,9 +23,9 @@ from mergejob.errors import (
     MergeFailedError,
     UnsupportedAdapterError,
 )
+from mergejob.io.shards import RECORDS_DIR, assign_shards, read_record
 from mergejob.output import partial_dir_for
-from mergejob.plan import build_plan
-from mergejob.shards import RECORDS_DIR, assign_shards, read_record
+from mergejob.plan.work import build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 # A model wide enough for LoRA products to be split into several blocks of 64 rows.
@@ -226,7 +226,7 @@ def test_records_of_another_plan_are_not_trusted(
 _KILL_SCRIPT = """
 import os, signal, sys
 import mergejob
-from mergejob.engines import safetensors_io
+from mergejob.io import tensors as safetensors_io
 
 kill_after = int(sys.argv[3])
 finished = []

@@ -44,7 +44,7 @@ import torch
 from safetensors import safe_open
 
 import mergejob
-from mergejob.plan import build_plan
+from mergejob.plan.work import build_plan
 
 BASES: dict[str, dict[str, Any]] = {
     "llama_bf16": {"family": "llama", "dtype": torch.bfloat16},

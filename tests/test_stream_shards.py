@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergejob.shards import (
+from mergejob.io.shards import (
     ShardRecord,
     assign_shards,
     pack_shards,

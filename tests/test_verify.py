@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergejob
-from mergejob.checkpoint import CheckpointIndex
+from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.verify import (
     expected_tensor,
     load_adapter,

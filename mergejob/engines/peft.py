@@ -17,8 +17,8 @@ from typing import Any, cast
 import torch
 
 from mergejob.adapter_config import read_adapter_config
-from mergejob.checkpoint import read_header
 from mergejob.errors import SpecError
+from mergejob.io.checkpoint import read_header
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.sources import ResolvedSource
 from mergejob.spec import EngineSpec, parse_max_memory

@@ -9,7 +9,7 @@ The path of one job::
 ``merge_with_stream`` (the pipeline's engine) runs the workers as local processes (or one per
 GPU) and then ``finalize``; an Indexed Job runs ``run_worker`` in pod ``i`` of ``n`` and
 ``finalize`` once at the end. Output shards are assigned to workers by
-:func:`mergejob.shards.assign_shards`; the layout of the output does not depend on how many
+:func:`mergejob.io.shards.assign_shards`; the layout of the output does not depend on how many
 workers there are, and neither do its bytes: every tensor is computed by the same
 expressions whichever worker computes it.
 
@@ -41,12 +41,9 @@ from typing import Any
 import torch
 
 from mergejob import output, settings
-from mergejob.engines.safetensors_io import ShardWriter, shard_header, write_index
 from mergejob.engines.stream_compute import TensorComputer
 from mergejob.errors import MergeFailedError, MergeJobError, SpecError
-from mergejob.job import EngineReport, PreparedJob
-from mergejob.plan import Plan, plan_for_job
-from mergejob.shards import (
+from mergejob.io.shards import (
     INDEX_FILE,
     RECORDS_DIR,
     ShardRecord,
@@ -55,6 +52,9 @@ from mergejob.shards import (
     record_holds,
     write_record,
 )
+from mergejob.io.tensors import ShardWriter, shard_header, write_index
+from mergejob.job import EngineReport, PreparedJob
+from mergejob.plan.work import Plan, plan_for_job
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def run_worker(
     cores); each runs torch single-threaded (coarse blocks in threads beat torch's own
     threads, whose per-op synchronisation costs more than it brings on small machines). ``shards`` overrides
     the assignment with an explicit list of shard indices (a pod's share split among its
-    GPUs: see :mod:`mergejob.distributed`).
+    GPUs: see :mod:`mergejob.indexed`).
 
     Example (pod ``i`` of an Indexed Job of ``n`` pods, on shared storage)::
 

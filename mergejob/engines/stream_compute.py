@@ -1,6 +1,6 @@
 """The stream engine's arithmetic: one output tensor at a time, in bounded memory.
 
-:class:`TensorComputer` turns an :class:`~mergejob.plan.OutputTensor` into its output bytes,
+:class:`TensorComputer` turns an :class:`~mergejob.plan.work.OutputTensor` into its output bytes,
 chunk by chunk, reusing a few buffers (allocating fresh tensors costs page faults, which
 dominate on small machines):
 
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mergejob.engines.safetensors_io import FileReader, TensorRef, byte_view
 from mergejob.errors import MergeFailedError
-from mergejob.plan import OutputTensor, TensorOp
+from mergejob.io.tensors import FileReader, TensorRef, byte_view
+from mergejob.plan.work import OutputTensor, TensorOp
 
 CHUNK_BYTES = 2**20  # fp32 bytes of rows worked on at once (cache-sized)
 # BLAS picks other kernels, which sum in another order, for very thin products: a block of

@@ -10,7 +10,7 @@ The same code runs in every setting that splits a merge:
 * within one pod, the index's share is split again over the pod's GPUs (one worker each).
 
 Which shards index ``i`` writes is :func:`index_shards`, a pure function of the plan's shard
-sizes, ``n`` and ``i`` (balanced by bytes: :func:`mergejob.shards.assign_shards`). Every
+sizes, ``n`` and ``i`` (balanced by bytes: :func:`mergejob.io.shards.assign_shards`). Every
 finished shard leaves its record (size, sha256, plan id), so a pod killed half-way and
 started again with the same index redoes only its unfinished shards. An index that has
 finished (and uploaded, when publishing) leaves a marker in ``.mergejob-indexes/``.
@@ -39,7 +39,7 @@ is left (records are removed only once everything else is written). ``mergejob r
 
 Example (pod ``i`` of ``n``)::
 
-    from mergejob.distributed import run_index
+    from mergejob.indexed import run_index
     report = run_index(spec, index=i, count=n)   # index 0 also finalises
 """
 
@@ -60,14 +60,14 @@ import yaml
 
 from mergejob import output, settings
 from mergejob.errors import MergeFailedError, SpecError
+from mergejob.io.shards import RECORDS_DIR, assign_shards
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.recipe import Timings
-from mergejob.shards import RECORDS_DIR, assign_shards
 from mergejob.spec import MergeSpec
 
 if TYPE_CHECKING:
     from mergejob.pipeline import MergeResult
-    from mergejob.plan import Plan
+    from mergejob.plan.work import Plan
     from mergejob.publish import HubTarget, ShardUploader
 
 log = logging.getLogger("mergejob")
@@ -236,7 +236,7 @@ class _Context:
 
 def _context(spec: MergeSpec, token: str | None) -> _Context:
     from mergejob.pipeline import prepare
-    from mergejob.plan import plan_for_job
+    from mergejob.plan.work import plan_for_job
 
     if spec.engine.name != "stream":
         raise SpecError(
@@ -579,7 +579,7 @@ def finalize_output(
 
 
 def _unfinished(plan: Plan, partial: Path) -> list[str]:
-    from mergejob.shards import read_record, record_holds
+    from mergejob.io.shards import read_record, record_holds
 
     return [
         s.name

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mergejob.checkpoint import SAFETENSORS_DTYPES, read_header
 from mergejob.errors import ModelError
+from mergejob.io.checkpoint import SAFETENSORS_DTYPES, read_header
 
 TORCH_TO_SAFETENSORS = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 DTYPE_SIZES = {

@@ -5,7 +5,7 @@ safetensors files hold the real headers followed by a sparse hole as long as the
 header declares (no disk used). For a local base that view tolerates a truncated download (it
 is reported, and every other check still runs); for a Hub base the headers come from HTTP
 range requests (``get_safetensors_metadata``), so planning a 70B job downloads kilobytes.
-The stream engine's :func:`mergejob.plan.build_plan` then runs on that view, which is also
+The stream engine's :func:`mergejob.plan.work.build_plan` then runs on that view, which is also
 the check ``mergejob merge``/``run`` make before reading a weight.
 
 The report gives, per adapter, its method, targets, ranks, alpha, scale and variant; the
@@ -16,7 +16,7 @@ estimate from throughput constants measured by ``bench/bench_plan_estimate.py``.
 
 Example::
 
-    from mergejob.estimate import plan_report
+    from mergejob.plan.report import plan_report
     report = plan_report(spec)
     print(report.render())
 """
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.checkpoint import CheckpointIndex, read_header
 from mergejob.errors import InputError, MergeJobError
+from mergejob.io.checkpoint import CheckpointIndex, read_header
 from mergejob.spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,7 @@ def _fill(
     or None when the adapters do not fit)."""
     from mergejob.adapters import read_adapter
     from mergejob.errors import UnsupportedAdapterError
-    from mergejob.plan import build_plan
+    from mergejob.plan.work import build_plan
 
     usable: list[tuple[Path, float]] = []
     usable_index: dict[Path, int] = {}

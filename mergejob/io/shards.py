@@ -6,7 +6,7 @@ workers, the pods of an Indexed Job, the finalising step) computes the same answ
 
 Example::
 
-    from mergejob.shards import assign_shards, pack_shards
+    from mergejob.io.shards import assign_shards, pack_shards
     files = pack_shards([4_000, 3_000, 3_000, 500], max_bytes=6_000)  # [[0], [1, 2], [3]]
     assign_shards([4_000, 6_000, 500], workers=2)                    # [[1], [0, 2]]
 """

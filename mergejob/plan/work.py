@@ -12,7 +12,7 @@ of an Indexed Job, the finalising step) builds the same plan and the same ``plan
 
 Example::
 
-    from mergejob.plan import build_plan
+    from mergejob.plan.work import build_plan
     plan = build_plan("./base", [("./adapter-a", 1.0), ("./adapter-b", 0.5)],
                       output_dtype=None, max_shard_size=5 * 10**9)
     print(len(plan.shards), plan.changed_tensors, plan.config_updates)
@@ -33,10 +33,10 @@ from typing import Any, Literal
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, read_adapter
-from mergejob.checkpoint import FLOAT_DTYPES, CheckpointIndex, read_header
-from mergejob.engines.safetensors_io import DTYPE_SIZES, TensorRef, read_tensor_refs
 from mergejob.errors import IncompatibleAdapterError, ModelError, listing
-from mergejob.shards import pack_shards, shard_file_names
+from mergejob.io.checkpoint import FLOAT_DTYPES, CheckpointIndex, read_header
+from mergejob.io.shards import pack_shards, shard_file_names
+from mergejob.io.tensors import DTYPE_SIZES, TensorRef, read_tensor_refs
 
 log = logging.getLogger(__name__)
 
