@@ -24,7 +24,7 @@ test: kube-binaries lint
 	$(MAKE) image image-test
 
 kube-binaries:
-	bash tests/kube/build_k8s.sh
+	bash tests/support/kube/build_k8s.sh
 
 test-fast:
 	$(BIN)/python -m pytest -q -ra -m "not slow and not kube and not image"
@@ -39,7 +39,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 demo:
-	$(BIN)/python -m mergejob.demo
+	$(BIN)/python examples/demo.py
 
 clean:
 	rm -rf demo-output .pytest_cache .ruff_cache .mypy_cache

@@ -83,7 +83,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
-    from tests.hubserver import server
+    from tests.support.hubserver import server
 
     class SharedThrottle:
         """The server's per-request throttle, made one budget for all requests."""

@@ -187,7 +187,8 @@ def _base_rss() -> float:
     """Peak RSS of a merge of a tiny model: the process before any sizeable buffer."""
     bench = _bench_stream()
     code = (
-        "from pathlib import Path; import tempfile; from mergejob.fixtures import make_base, "
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+        "from pathlib import Path; import tempfile; from tests.support.models import make_base, "
         "make_adapter; t = Path(tempfile.mkdtemp()); b = make_base(t / 'b'); "
         "make_adapter(b, t / 'a'); print(t)"
     )

@@ -4,23 +4,25 @@
 #   DEST/models/adapter-a   LoRA (q_proj, v_proj)
 #   DEST/models/adapter-b   LoRA (all attention projections), merged at weight 0.5
 #   DEST/config.yaml        the spec, with container paths (/models/..., /output/merged)
-# Made with mergejob.fixtures in the project's venv; nothing is downloaded. Kept if present.
+# Made with tests/support/models.py (a checkout's test helpers, never in the image) in the
+# project's venv; nothing is downloaded. Kept if present.
 #
 #   image/make-fixture.sh DEST          (PY: the venv's python, default .venv/bin/python)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DEST=${1:?usage: image/make-fixture.sh DEST}
-PY=${PY:-$(dirname "$HERE")/.venv/bin/python}
+ROOT=$(dirname "$HERE")
+PY=${PY:-$ROOT/.venv/bin/python}
 if [ -f "$DEST/config.yaml" ] && [ -d "$DEST/models/base" ]; then
     echo "fixture present: $DEST"; exit 0
 fi
 rm -rf "$DEST.tmp"
 mkdir -p "$DEST.tmp/models"
-HF_HUB_OFFLINE=1 "$PY" - "$DEST.tmp" <<'PYEOF'
+HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$DEST.tmp" <<'PYEOF'
 import sys
 from pathlib import Path
 
-from mergejob.fixtures import make_adapter, make_base
+from tests.support.models import make_adapter, make_base
 
 root = Path(sys.argv[1])
 models = root / "models"

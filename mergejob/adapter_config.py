@@ -1,4 +1,4 @@
-"""Read and check an adapter folder's ``adapter_config.json``."""
+"""Read and check an adapter folder's ``adapter_config.json``, and find its weights file."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mergejob import settings
 from mergejob.errors import AdapterError
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """The adapter's config as a dict; errors name the file and say what is wrong."""
-    path = Path(adapter_dir) / "adapter_config.json"
+    path = Path(adapter_dir) / settings.ADAPTER_CONFIG_FILE
     if not path.is_file():
         raise AdapterError(
             f"{path}: missing; {adapter_dir} is not a PEFT adapter folder "
@@ -29,12 +30,14 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 
 
 def adapter_weights_path(adapter_dir: Path) -> Path:
-    path = Path(adapter_dir) / "adapter_model.safetensors"
+    """The adapter's safetensors weights; pickle weights or none at all are bad input."""
+    path = Path(adapter_dir) / settings.ADAPTER_WEIGHTS_FILE
     if path.is_file():
         return path
-    if (Path(adapter_dir) / "adapter_model.bin").is_file():
+    if (Path(adapter_dir) / settings.ADAPTER_PICKLE_FILE).is_file():
         raise AdapterError(
-            f"{adapter_dir}/adapter_model.bin: pickle weights are not read; re-save the adapter "
-            "with safetensors (PeftModel.save_pretrained(..., safe_serialization=True))"
+            f"{adapter_dir}/{settings.ADAPTER_PICKLE_FILE}: pickle weights are not read; "
+            "re-save the adapter with safetensors "
+            "(PeftModel.save_pretrained(..., safe_serialization=True))"
         )
-    raise AdapterError(f"{adapter_dir}/adapter_model.safetensors: missing")
+    raise AdapterError(f"{adapter_dir}/{settings.ADAPTER_WEIGHTS_FILE}: missing")

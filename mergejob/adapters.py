@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mergejob import settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import AdapterError, IncompatibleAdapterError, UnsupportedAdapterError
-from mergejob.io.tensors import TensorRef, read_tensor_refs
+from mergejob.io.headers import FLOAT_DTYPES, TensorRef, read_tensors
 
-PEFT_PREFIX = "base_model.model."
-FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _PEFT_FALLBACK = "merge it with --engine peft"
 
 # Config keys whose value the stream engine reads or that do not change a merge.
@@ -109,9 +108,9 @@ class LoraFactors:
 
     @property
     def keys(self) -> list[str]:
-        keys = [self.a.key, self.b.key]
+        keys = [self.a.name, self.b.name]
         if self.magnitude is not None:
-            keys.append(self.magnitude.key)
+            keys.append(self.magnitude.name)
         return keys
 
 
@@ -270,8 +269,8 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     weights_file = adapter_weights_path(adapter_dir)
-    check_supported(config, str(adapter_dir / "adapter_config.json"))
-    refs = read_tensor_refs(weights_file)
+    check_supported(config, str(adapter_dir / settings.ADAPTER_CONFIG_FILE))
+    refs = read_tensors(weights_file)
     modules_to_save = tuple(config.get("modules_to_save") or ())
     use_dora = bool(config.get("use_dora", False))
     use_rslora = bool(config.get("use_rslora", False))
@@ -284,7 +283,7 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
         if ref.dtype not in FLOAT_DTYPES:
             problems.append(f"{key}: dtype {ref.dtype} is not a float type")
             continue
-        name = key.removeprefix(PEFT_PREFIX)
+        name = key.removeprefix(settings.PEFT_PREFIX)
         for suffix, (part, embedding) in _LORA_PARTS.items():
             if name.endswith(f".{suffix}"):
                 module = name[: -len(suffix) - 1]
@@ -310,7 +309,7 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
             problems.append(f"{module}: LoRA factor {missing} is missing")
             continue
         if magnitude is not None and not use_dora:
-            problems.append(f"{magnitude.key}: DoRA magnitude in an adapter without use_dora")
+            problems.append(f"{magnitude.name}: DoRA magnitude in an adapter without use_dora")
         if magnitude is None and use_dora:
             problems.append(f"{module}: use_dora is set but the DoRA magnitude vector is missing")
         if not is_targeted(config, module):
@@ -354,15 +353,15 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
             if owner in lora_modules:
                 full.append(FullTensor(owner, param, ref, "base_layer"))
             else:
-                problems.append(f"{ref.key}: base_layer tensor of {owner}, which has no LoRA")
+                problems.append(f"{ref.name}: base_layer tensor of {owner}, which has no LoRA")
         elif module.endswith((".modules_to_save", ".original_module")):
             owner, _, wrapper = module.rpartition(".")
             if not _is_saved_module(owner, modules_to_save):
-                problems.append(f"{ref.key}: {wrapper} tensor of {owner}, not in modules_to_save")
+                problems.append(f"{ref.name}: {wrapper} tensor of {owner}, not in modules_to_save")
             elif wrapper == "original_module":
                 ignored.append(
                     IgnoredTensor(
-                        ref.key,
+                        ref.name,
                         "the wrapped original module, which merge_and_unload replaces by "
                         "modules_to_save",
                     )
@@ -370,15 +369,15 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
             elif f"{owner}.{param}" in plain_names:
                 ignored.append(
                     IgnoredTensor(
-                        ref.key,
+                        ref.name,
                         f"a second copy of {owner}.{param} written by save_embedding_layers; "
                         "PEFT does not load it",
                     )
                 )
             else:
-                problems.append(f"{ref.key}: {owner}.{param} itself is missing")
+                problems.append(f"{ref.name}: {owner}.{param} itself is missing")
         elif not param:
-            problems.append(f"{ref.key}: not a module parameter")
+            problems.append(f"{ref.name}: not a module parameter")
         else:
             role: FullRole = (
                 "modules_to_save" if _is_saved_module(module, modules_to_save) else "plain"

@@ -34,7 +34,12 @@ submitted by the launcher because:
 
 The finalising step is idempotent: run again on a finished output of the same plan it does
 nothing (the recipe's ``plan_id`` says so); run again after a crash half-way it redoes what
-is left (records are removed only once everything else is written). ``mergejob run
+is left (records are removed only once everything else is written).
+
+An index is the job's one path (:func:`mergejob.pipeline.start_job`, then the engine over its
+share with the one worker pool, :mod:`mergejob.engines.pool`), and the finaliser ends it with
+the same :func:`mergejob.pipeline.finish_output` as a local merge: nothing of the job's
+opening or tail is written twice. ``mergejob run
 --finalize`` runs it alone, e.g. by hand after a Job whose index 0 was given up on.
 
 Example (pod ``i`` of ``n``)::
@@ -47,36 +52,29 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from mergejob import output, settings
+from mergejob import logs, output, settings
+from mergejob.engines.stream import finalize, stream_report, write_shards
+from mergejob.engines.worker import worker_devices
 from mergejob.errors import MergeFailedError, SpecError
-from mergejob.io.shards import RECORDS_DIR, assign_shards
-from mergejob.job import EngineReport, PreparedJob
-from mergejob.recipe import Timings
+from mergejob.io.shards import RECORDS_DIR, assign_shards, read_record, record_holds
+from mergejob.pipeline import MergeResult, StartedJob, finish_output, start_job, start_uploader
+from mergejob.plan.work import Plan, plan_for_job
 from mergejob.spec import MergeSpec
 
 if TYPE_CHECKING:
-    from mergejob.pipeline import MergeResult
-    from mergejob.plan.work import Plan
-    from mergejob.publish import HubTarget, ShardUploader
+    from mergejob.publish import ShardUploader
 
 log = logging.getLogger("mergejob")
 
-INDEX_ENV = "JOB_COMPLETION_INDEX"
-INDEX_COUNT_ENV = "MERGEJOB_INDEX_COUNT"
-INDEXES_DIR = ".mergejob-indexes"
-FINALIZED_SUFFIX = ".mergejob-finalized.json"
-RECIPE_FILE = "mergejob.yaml"
+INDEX_ENV = settings.INDEX_ENV
+INDEX_COUNT_ENV = settings.INDEX_COUNT_ENV
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,17 +93,18 @@ def index_shards(shard_sizes: Sequence[int], count: int, index: int) -> list[int
 def device_shares(
     shards: Sequence[int], shard_sizes: Sequence[int], devices: int
 ) -> list[list[int]]:
-    """An index's shards split again over the pod's ``devices`` workers, by bytes."""
+    """An index's shards split again over the pod's ``devices`` workers, by bytes (the
+    split :func:`mergejob.engines.pool.split_shares` makes)."""
     split = assign_shards([shard_sizes[s] for s in shards], max(1, devices))
     return [[shards[i] for i in part] for part in split]
 
 
 def index_from_env(environ: Mapping[str, str] | None = None) -> tuple[int | None, int | None]:
     """``(JOB_COMPLETION_INDEX, MERGEJOB_INDEX_COUNT)`` as integers (None where unset)."""
-    environ = os.environ if environ is None else environ
     values: list[int | None] = []
-    for name in (INDEX_ENV, INDEX_COUNT_ENV):
-        raw = (environ.get(name) or "").strip()
+    for name, raw in zip(
+        (INDEX_ENV, INDEX_COUNT_ENV), settings.index_variables(environ), strict=True
+    ):
         try:
             values.append(int(raw) if raw else None)
         except ValueError:
@@ -113,8 +112,24 @@ def index_from_env(environ: Mapping[str, str] | None = None) -> tuple[int | None
     return values[0], values[1]
 
 
+def check_index_args(index: int | None, count: int | None) -> tuple[int, int]:
+    """``--index``/``--index-count`` (or their variables) made whole: both or neither."""
+    if count is None:
+        raise SpecError(
+            f"--index {index}: give the number of indices too (--index-count, or {INDEX_COUNT_ENV})"
+        )
+    if index is None:
+        raise SpecError(
+            f"--index-count {count}: give this worker's index too (--index, or {INDEX_ENV}, "
+            "which an Indexed Job sets)"
+        )
+    if count < 1 or not 0 <= index < count:
+        raise SpecError(f"--index {index} --index-count {count}: need 0 <= index < count")
+    return index, count
+
+
 # ---------------------------------------------------------------------------------------
-# Markers: an index is done; a job is finalised
+# Markers: an index is done
 
 
 @dataclass
@@ -129,7 +144,7 @@ class IndexMarker:
 
 
 def _marker_path(partial_dir: Path, index: int, count: int) -> Path:
-    return Path(partial_dir) / INDEXES_DIR / f"{count}-{index}.json"
+    return Path(partial_dir) / settings.INDEXES_DIR / f"{count}-{index}.json"
 
 
 def write_marker(partial_dir: Path, marker: IndexMarker) -> None:
@@ -155,41 +170,6 @@ def missing_indexes(partial_dir: Path, count: int, plan_id: str) -> list[int]:
     return [i for i in range(count) if read_marker(partial_dir, i, count, plan_id) is None]
 
 
-def _finalized_marker(out_dir: Path) -> Path:
-    out_dir = Path(out_dir).absolute()
-    return out_dir.parent / f".{out_dir.name}{FINALIZED_SUFFIX}"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _recipe_plan_id(out_dir: Path) -> str | None:
-    try:
-        recipe = yaml.safe_load((Path(out_dir) / RECIPE_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    engine = ((recipe or {}).get("recipe") or {}).get("engine") or {}
-    plan_id = engine.get("plan_id") if isinstance(engine, dict) else None
-    return str(plan_id) if plan_id else None
-
-
-def finalized(out_dir: Path, plan: Plan, *, temporary: bool) -> bool:
-    """Whether this plan's output is already finished (and published, for a publish-only
-    job whose local copy is gone): the finaliser then has nothing to do."""
-    partial = output.partial_dir_for(out_dir)
-    if partial.exists():
-        return False
-    if temporary:
-        marker = _read_json(_finalized_marker(out_dir))
-        return marker.get("plan_id") == plan.plan_id and bool(marker.get("published"))
-    return _recipe_plan_id(out_dir) == plan.plan_id
-
-
 # ---------------------------------------------------------------------------------------
 # One index
 
@@ -209,8 +189,9 @@ class IndexReport:
     def summary(self) -> str:
         """What ``mergejob run`` prints for this index."""
         lines = [
-            f"index {self.index}/{self.count} done: {len(self.shards)} shard(s), "
-            f"{len(self.merged)} merged, {len(self.resumed)} already finished"
+            logs.index_done_line(
+                self.index, self.count, len(self.shards), len(self.merged), len(self.resumed)
+            )
         ]
         if self.already_finalized:
             lines.append("the output was already finalised: nothing to do")
@@ -219,64 +200,26 @@ class IndexReport:
         return "\n".join(lines)
 
 
-@dataclass
-class _Context:
-    """Everything an index and the finaliser share: the prepared job, its plan, where."""
-
-    spec: MergeSpec
-    job: PreparedJob
-    plan: Plan
-    out_dir: Path
-    partial: Path
-    temporary: bool
-    target: HubTarget | None
-    token: str | None
-    timings: Timings
-
-
-def _context(spec: MergeSpec, token: str | None) -> _Context:
-    from mergejob.pipeline import prepare
-    from mergejob.plan.work import plan_for_job
-
+def _start(
+    spec: MergeSpec,
+    token: str | None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None,
+    *,
+    hash_inputs: bool,
+) -> tuple[StartedJob, Plan]:
     if spec.engine.name != "stream":
         raise SpecError(
             f"engine.name: {spec.engine.name!r}: a merge split over indices needs the stream "
             "engine (--engine stream); the peft engine spreads one pod's GPUs with device_map"
         )
-    token = token if token is not None else settings.hub_token()
-    target = None
-    if spec.publish is not None:
-        from mergejob import publish
-
-        target = publish.check_access(spec.publish, token=token)
-        token = publish.resolve_token(token)
-    if spec.output.dir is not None:
-        out_dir = Path(spec.output.dir)
-    elif target is not None:
-        from mergejob import publish
-
-        out_dir = publish.default_local_dir(target)
-    else:
-        raise SpecError("output.dir: required unless publish.repo_id is set")
-    timings = Timings()
-    job = prepare(spec, token=token, timings=timings)
-    return _Context(
-        spec=spec,
-        job=job,
-        plan=plan_for_job(job),
-        out_dir=out_dir,
-        partial=output.partial_dir_for(out_dir),
-        temporary=spec.output.dir is None,
-        target=target,
+    job = start_job(
+        spec,
         token=token,
-        timings=timings,
+        recorded_inputs=recorded_inputs,
+        hash_inputs=hash_inputs,
+        shared_partial=True,
     )
-
-
-def _check_output(ctx: _Context) -> None:
-    """An output folder holding something else is bad input, unless --overwrite."""
-    if not ctx.temporary:
-        output.check_output_dir(ctx.out_dir, overwrite=ctx.spec.output.overwrite)
+    return job, plan_for_job(job.job)
 
 
 def run_index(
@@ -288,6 +231,7 @@ def run_index(
     finalize: bool = True,
     poll_seconds: float = 2.0,
     wait_timeout: float | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
 ) -> IndexReport:
     """Merge the shards of index ``index`` of ``count`` into the job's partial folder (on
     storage every index shares); index 0 then waits for the others and finalises.
@@ -295,20 +239,21 @@ def run_index(
     Resumes: shards whose record holds are kept. Publishing, each shard is preuploaded as it
     finishes; the finaliser makes the commit. ``wait_timeout`` bounds index 0's wait (a Job
     bounds it with ``activeDeadlineSeconds``; a failed index fails the Job and its pods).
+    ``recorded_inputs``: a rerun from a recipe; every index checks its inputs against it
+    before writing anything, as a plain rerun does.
     """
     if count < 1:
         raise SpecError(f"--index-count {count}: must be at least 1")
-    ctx = _context(spec, token)
-    plan = ctx.plan
+    finalizes = index == 0 and finalize
+    # Index 0 writes the recipe: its inputs are hashed beside its merge and its wait.
+    job, plan = _start(spec, token, recorded_inputs, hash_inputs=finalizes)
     report = IndexReport(index=index, count=count)
     mine = index_shards(plan.shard_sizes(), count, index)
     report.shards = [plan.shards[i].name for i in mine]
-    if finalized(ctx.out_dir, plan, temporary=ctx.temporary):
-        log.info("index %d/%d: %s is already finished for this plan", index, count, ctx.out_dir)
+    if job.finished:
+        log.info("index %d/%d: %s is already finished for this plan", index, count, job.out_dir)
         report.already_finalized = True
         return report
-    _check_output(ctx)
-    ctx.partial.mkdir(parents=True, exist_ok=True)
     size = sum(plan.shards[i].nbytes for i in mine)
     log.info(
         "index %d/%d: %d of %d shard(s), %.1f MB of %.1f MB (plan %s)",
@@ -320,17 +265,16 @@ def run_index(
         plan.output_bytes / 1e6,
         plan.plan_id[:12],
     )
-    uploader = _uploader(ctx)
-    # Index 0 writes the recipe: its inputs are hashed beside its merge and its wait.
-    from mergejob.pipeline import InputDigests
-
-    digests = InputDigests(ctx.job) if index == 0 and finalize else None
+    # Never delete_uploaded here: the finaliser re-reads every shard for its checksum.
+    uploader = (
+        start_uploader(spec, job.target, job.token, delete_uploaded=False)
+        if job.target is not None
+        else None
+    )
     try:
-        with ctx.timings.phase("merge", engine="stream", index=index):
-            merged, resumed = merge_shares(
-                ctx,
-                mine,
-                on_shard_done=_shard_logger(index, count, len(mine), uploader),
+        with job.timings.phase("merge", engine="stream", index=index):
+            merged, resumed = merge_share(
+                job, plan, mine, on_shard_done=_shard_logger(index, count, len(mine), uploader)
             )
         if uploader is not None:
             uploader.wait()
@@ -339,24 +283,13 @@ def run_index(
             uploader.close()
     report.merged, report.resumed = merged, resumed
     write_marker(
-        ctx.partial,
+        job.partial,
         IndexMarker(index=index, count=count, plan_id=plan.plan_id, merged=merged, resumed=resumed),
     )
-    if index == 0 and finalize:
-        wait_for_indexes(ctx.partial, plan, count, poll_seconds=poll_seconds, timeout=wait_timeout)
-        inputs = digests.result() if digests is not None else None
-        report.result = finalize_output(ctx, count=count, inputs=inputs)
+    if finalizes:
+        wait_for_indexes(job.partial, plan, count, poll_seconds=poll_seconds, timeout=wait_timeout)
+        report.result = finalize_output(job, plan, count=count)
     return report
-
-
-def _uploader(ctx: _Context) -> ShardUploader | None:
-    if ctx.target is None:
-        return None
-    from mergejob import publish
-
-    # Never delete_uploaded here: the finaliser re-reads every shard for its checksum.
-    token = publish.resolve_token(ctx.token)
-    return publish.ShardUploader(publish.hub_api(token), ctx.target, token=token)
 
 
 def _shard_logger(
@@ -367,90 +300,30 @@ def _shard_logger(
     def on_shard_done(path: Path) -> None:
         done[0] += 1
         # `mergejob status` reads these lines back from the pod's log.
-        log.info("index %d/%d: shard %d/%d done: %s", index, count, done[0], total, path.name)
+        log.info(logs.index_shard_done_line(index, count, done[0], total, path.name))
         if uploader is not None:
             uploader(path)
 
     return on_shard_done
 
 
-def merge_shares(
-    ctx: _Context, shards: Sequence[int], *, on_shard_done: Callable[[Path], None] | None = None
+def merge_share(
+    job: StartedJob,
+    plan: Plan,
+    shards: Sequence[int],
+    *,
+    on_shard_done: Callable[[Path], None] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Write ``shards`` into the partial folder with the pod's workers (one per visible GPU
-    for ``--device cuda``, else ``engine.workers`` CPU processes); returns (merged, resumed).
-    """
-    from mergejob.engines.stream import run_worker, worker_devices
-
-    devices = worker_devices(ctx.spec.engine.device, ctx.spec.engine.workers)
-    shares = device_shares(shards, ctx.plan.shard_sizes(), len(devices))
-    busy = [(device, share) for device, share in zip(devices, shares, strict=True) if share]
-    if len(busy) <= 1:
-        device, share = busy[0] if busy else (devices[0], [])
-        worker = run_worker(
-            ctx.plan, ctx.partial, device=device, shards=share, on_shard_done=on_shard_done
-        )
-        return worker.merged, worker.resumed
-    return _run_device_processes(ctx.plan, ctx.partial, busy, on_shard_done)
-
-
-def _run_device_processes(
-    plan: Plan,
-    partial: Path,
-    busy: list[tuple[str, list[int]]],
-    on_shard_done: Callable[[Path], None] | None,
-) -> tuple[list[str], list[str]]:
-    """One spawned process per device; a shard is reported done once its process ends."""
-    context = multiprocessing.get_context("spawn")
-    results: Any = context.Queue()
-    processes = [
-        context.Process(
-            target=_device_main,
-            args=(plan, str(partial), device, share, len(busy), results),
-            name=f"mergejob-device-{i}",
-            daemon=True,
-        )
-        for i, (device, share) in enumerate(busy)
-    ]
-    for process in processes:
-        process.start()
-    merged: list[str] = []
-    resumed: list[str] = []
-    try:
-        for _ in processes:
-            kind, payload = results.get()
-            if kind == "error":
-                raise MergeFailedError(f"device worker: {payload}; rerun to resume")
-            merged += payload[0]
-            resumed += payload[1]
-            if on_shard_done is not None:
-                for name in payload[1] + payload[0]:
-                    on_shard_done(partial / name)
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-            process.join(timeout=30)
+    for ``--device cuda``, else ``engine.workers`` CPU processes: the one worker pool);
+    returns (merged, resumed)."""
+    devices = worker_devices(job.spec.engine.device, job.spec.engine.workers)
+    reports = write_shards(
+        plan, job.partial, shards, devices=devices, on_shard_done=on_shard_done, log_shards=False
+    )
+    merged = [name for r in reports for name in r.merged]
+    resumed = [name for r in reports for name in r.resumed]
     return merged, resumed
-
-
-def _device_main(
-    plan: Plan, partial: str, device: str, shards: list[int], workers: int, results: Any
-) -> None:
-    from mergejob.engines.stream import cpu_threads, run_worker
-
-    try:
-        report = run_worker(
-            plan,
-            Path(partial),
-            device=device,
-            shards=shards,
-            threads=cpu_threads(workers) if device == "cpu" else None,
-        )
-        results.put(("done", (report.merged, report.resumed)))
-    except BaseException as exc:
-        results.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
-        raise
 
 
 def wait_for_indexes(
@@ -476,7 +349,7 @@ def wait_for_indexes(
                 f"finished after {waited:.0f}s; see `mergejob status`, then rerun"
             )
         if waited - said >= 30 or said == 0:
-            log.info("finaliser: waiting for index(es) %s of %d", missing, count)
+            log.info(logs.finaliser_waiting_line(missing, count))
             said = waited or 1e-9
         time.sleep(poll_seconds)
 
@@ -486,101 +359,50 @@ def wait_for_indexes(
 
 
 def finalize_job(
-    spec: MergeSpec, *, token: str | None = None, count: int | None = None
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    count: int | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
 ) -> MergeResult | None:
     """``mergejob run --finalize``: check every shard, write the rest, commit. Returns None
     when the output is already finished for this plan (idempotent)."""
-    ctx = _context(spec, token)
-    if finalized(ctx.out_dir, ctx.plan, temporary=ctx.temporary):
-        log.info("finaliser: %s is already finished for this plan", ctx.out_dir)
+    job, plan = _start(spec, token, recorded_inputs, hash_inputs=True)
+    if job.finished:
+        log.info("finaliser: %s is already finished for this plan", job.out_dir)
         return None
-    if not ctx.partial.is_dir():
+    if not any(p.name != settings.INDEXES_DIR for p in job.partial.iterdir()):
+        if not any(job.partial.iterdir()):
+            job.partial.rmdir()  # made by start_job just now
         raise MergeFailedError(
-            f"{ctx.partial}: no partial output; run the indices first (mergejob run --index)"
+            f"{job.partial}: no partial output; run the indices first (mergejob run --index)"
         )
-    return finalize_output(ctx, count=count)
+    return finalize_output(job, plan, count=count)
 
 
-def finalize_output(
-    ctx: _Context, *, count: int | None, inputs: list[dict[str, Any]] | None = None
-) -> MergeResult:
-    """Every shard's record checked (re-read for its sha256), then index, config, tokenizer,
-    card and recipe, the Hub commit, and the rename into place. A shard whose record does
-    not hold is merged again here, so a corrupted file never blocks the job."""
-    from mergejob import pipeline
-    from mergejob.engines.stream import finalize, run_worker
-    from mergejob.pipeline import MergeResult
-
-    plan, partial = ctx.plan, ctx.partial
-    started = time.monotonic()
-    _check_output(ctx)
+def finalize_output(job: StartedJob, plan: Plan, *, count: int | None) -> MergeResult:
+    """Every shard's record checked (re-read for its sha256), then the job's one tail
+    (:func:`mergejob.pipeline.finish_output`: index, config, tokenizer, card, recipe, the Hub
+    commit, the rename into place). A shard whose record does not hold is merged again
+    here, so a corrupted file never blocks the job."""
+    partial = job.partial
     _remove_foreign_files(plan, partial)
-    with ctx.timings.phase("finalize"):
+    with job.timings.phase("finalize"):
         try:
             records = finalize(plan, partial, verify_checksums=True, keep_records=True)
         except MergeFailedError as exc:
             log.warning("finaliser: %s; merging those shards here", str(exc).splitlines()[0])
             names = set(_unfinished(plan, partial))
             redo = [i for i, s in enumerate(plan.shards) if s.name in names]
-            run_worker(plan, partial, shards=redo)
+            write_shards(plan, partial, redo, devices=["cpu"], log_shards=False)
             records = finalize(plan, partial, verify_checksums=True, keep_records=True)
-    report = EngineReport(
-        engine="stream",
-        tensors_changed=plan.changed_tensors,
-        extra={
-            "workers": count or 1,
-            "device": ctx.spec.engine.device,
-            "shards": len(plan.shards),
-            "plan_id": plan.plan_id,
-            "shard_records": {r.name: {"size": r.size, "sha256": r.sha256} for r in records},
-        },
-    )
-    job = ctx.job
-    with ctx.timings.phase("write"):
-        pipeline.write_extras(job, partial)
-        pipeline.write_config(job, partial)
-        pipeline.write_card(
-            job,
-            partial,
-            report,
-            repo_id=ctx.target.repo_id if ctx.target else None,
-            token=ctx.token,
-        )
-    pipeline.write_recipe(job, partial, report, ctx.timings, inputs=inputs)
-    marker_path = _finalized_marker(ctx.out_dir)
-    marker = _read_json(marker_path)
-    published = None
-    if ctx.target is not None and not (
-        marker.get("plan_id") == plan.plan_id and marker.get("published")
-    ):
-        with ctx.timings.phase("publish", repo=ctx.target.display):
-            published = pipeline.publish_output(job, partial, ctx.target, None, ctx.token)
-        _write_json(marker_path, {"plan_id": plan.plan_id, "published": published.commit_url})
-    # Last: the records and markers (a crash before this point redoes the step).
-    output.drop_records(partial)
-    shutil.rmtree(partial / INDEXES_DIR, ignore_errors=True)
-    if ctx.temporary:
-        files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
-        output.discard_partial(ctx.out_dir)
-        final = None
-    else:
-        final = output.commit_partial(ctx.out_dir)
-        files = sorted(p.name for p in final.iterdir())
-        marker_path.unlink(missing_ok=True)
+    report = stream_report(plan, records, workers=count or 1, device=job.spec.engine.device)
+    result = finish_output(job, report)
     log.info("finaliser: %d shard(s) checked and committed", len(records))
-    return MergeResult(
-        output_dir=final,
-        engine=report,
-        files=files,
-        seconds=time.monotonic() - started,
-        timings=dict(ctx.timings.seconds),
-        published=published,
-    )
+    return result
 
 
 def _unfinished(plan: Plan, partial: Path) -> list[str]:
-    from mergejob.io.shards import read_record, record_holds
-
     return [
         s.name
         for s in plan.shards
@@ -591,26 +413,6 @@ def _unfinished(plan: Plan, partial: Path) -> list[str]:
 def _remove_foreign_files(plan: Plan, partial: Path) -> None:
     """What no index of this plan wrote (other plans' shards, half-written files, a crashed
     finaliser's extras) goes before the finaliser writes; records and markers stay."""
-    output.remove_all_but(partial, {s.name for s in plan.shards} | {RECORDS_DIR, INDEXES_DIR})
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def check_index_args(index: int | None, count: int | None) -> tuple[int, int]:
-    """``--index``/``--index-count`` (or their variables) made whole: both or neither."""
-    if count is None:
-        raise SpecError(
-            f"--index {index}: give the number of indices too (--index-count, or {INDEX_COUNT_ENV})"
-        )
-    if index is None:
-        raise SpecError(
-            f"--index-count {count}: give this worker's index too (--index, or {INDEX_ENV}, "
-            "which an Indexed Job sets)"
-        )
-    if count < 1 or not 0 <= index < count:
-        raise SpecError(f"--index {index} --index-count {count}: need 0 <= index < count")
-    return index, count
+    output.remove_all_but(
+        partial, {s.name for s in plan.shards} | {RECORDS_DIR, settings.INDEXES_DIR}
+    )

@@ -31,4 +31,7 @@ class EngineReport:
 
     engine: str
     tensors_changed: int | None = None
+    # The config.json keys the merge decided (tying, vocab_size, dtype), for
+    # :func:`mergejob.output.write_config`; None where the engine saved config.json itself.
+    config_updates: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -33,7 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mergejob import settings
 from mergejob.errors import ModelError, SpecError
+from mergejob.io.headers import read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ _NOT_COPIED_FROM_OTHER = ("_name_or_path", "transformers_version")
 
 def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a model folder as a dict; errors name the file."""
-    path = Path(folder) / "config.json"
+    path = Path(folder) / settings.CONFIG_FILE
     if not path.is_file():
         raise ModelError(f"{path}: missing; is {folder} a model folder?")
     try:
@@ -437,53 +439,36 @@ def plan_output_config(
     return final
 
 
-def finalize_output_config(
-    out_dir: Path,
-    base_dir: Path,
-    *,
-    config_from: Mapping[str, Any] | None,
-    overrides: Mapping[str, Any],
-    output_dtype: str,
-) -> bool:
-    """Rewrite ``out_dir/config.json`` with config_from and overrides; returns whether it
-    changed. Without either, what the engine wrote stays byte for byte."""
-    path = Path(out_dir) / "config.json"
-    if path.is_file():
-        engine_config = read_config(out_dir)
-    else:
-        engine_config = read_config(base_dir)
-        engine_config["dtype"] = output_dtype
-        engine_config.pop("torch_dtype", None)
-    if config_from is None and not overrides and path.is_file():
-        return False
-    write_config(path, merged_config(engine_config, config_from=config_from, overrides=overrides))
-    return True
-
-
 _EMBEDDING_TAGS = ("embed", "wte", "lm_head", "word_embeddings", "embed_in", "embed_out")
+
+
+def saved_vocab_rows(adapter_dir: Path, hidden_size: int | None) -> int | None:
+    """Rows of the embeddings (input or output) an adapter saves in full, if any: a resized
+    vocabulary. Reads the safetensors header only. The one answer to "how many rows does
+    this adapter give the vocabulary", used by the config checks, the stream plan's config
+    and the peft engine's resize alike."""
+    path = Path(adapter_dir) / settings.ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    rows = [
+        int(ref.shape[0])
+        for name, ref in read_tensors(path, check_size=False).items()
+        if "lora_" not in name
+        and not name.endswith("original_module.weight")
+        and len(ref.shape) == 2
+        and (hidden_size is None or ref.shape[1] == hidden_size)
+        and any(tag in name for tag in _EMBEDDING_TAGS)
+    ]
+    return max(rows) if rows else None
 
 
 def merged_vocab_size(base_config: Mapping[str, Any], adapter_dirs: list[Path]) -> int | None:
     """The vocabulary the output will have: the base's, or the rows of the last adapter that
-    saves its embeddings in full (a resized vocabulary). Reads safetensors headers only."""
-    from mergejob.io.checkpoint import read_header
-
+    saves its embeddings in full (:func:`saved_vocab_rows`)."""
     vocab = text_part(base_config).get("vocab_size")
     hidden = shape_signature(base_config).get("hidden_size")
     for adapter_dir in adapter_dirs:
-        path = Path(adapter_dir) / "adapter_model.safetensors"
-        if not path.is_file():
-            continue
-        header, _ = read_header(path, check_size=False)
-        for name, info in header.items():
-            if "lora_" in name or name.endswith("original_module.weight"):
-                continue
-            shape = info.get("shape") if isinstance(info, dict) else None
-            if (
-                isinstance(shape, list)
-                and len(shape) == 2
-                and (hidden is None or shape[1] == hidden)
-                and any(tag in name for tag in _EMBEDDING_TAGS)
-            ):
-                vocab = int(shape[0])
+        rows = saved_vocab_rows(adapter_dir, hidden)
+        if rows is not None:
+            vocab = rows
     return int(vocab) if vocab is not None else None

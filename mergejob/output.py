@@ -1,46 +1,37 @@
-"""The output folder: atomic, complete, and self-describing.
+"""The output folder: atomic, complete, and self-describing. Its one owner.
 
 Everything is written into a temporary folder beside the output (``.NAME.mergejob-partial``)
 and renamed into place only when complete, so nothing half-written is ever found where a
-finished model is expected. The stream engine keeps its per-shard records in that folder so
-a rerun after a crash resumes.
+finished model is expected. The engine writes the weights there (the stream engine keeps
+its per-shard records beside them so a rerun after a crash resumes); this module writes the
+rest, once: ``config.json`` (:func:`write_config`: the keys the merge decided, then
+config_from and the overrides), the tokenizer, ``generation_config.json`` and the chat
+template (:func:`write_extras`). The card and the recipe are written into it by
+:mod:`mergejob.card` and :mod:`mergejob.recipe` through the pipeline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mergejob import model_config, settings
 from mergejob.errors import OutputExistsError
 from mergejob.io.shards import RECORDS_DIR
+from mergejob.sources import choose_tokenizer_source
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-PARTIAL_SUFFIX = ".mergejob-partial"
 
 
 def partial_dir_for(output_dir: Path) -> Path:
     """The temporary folder beside ``output_dir`` that becomes it when complete."""
     output_dir = Path(output_dir).absolute()
-    return output_dir.parent / f".{output_dir.name}{PARTIAL_SUFFIX}"
+    return output_dir.parent / f".{output_dir.name}{settings.PARTIAL_SUFFIX}"
 
 
 def check_output_dir(output_dir: Path, *, overwrite: bool) -> None:
@@ -82,8 +73,81 @@ def remove_all_but(folder: Path, keep: set[str]) -> None:
 
 
 def drop_records(partial: Path) -> None:
-    """Remove the stream engine's per-shard records from a finished partial folder."""
+    """Remove the engine's bookkeeping from a finished partial folder: the per-shard records
+    and the markers the indices of an Indexed Job leave."""
     shutil.rmtree(Path(partial) / RECORDS_DIR, ignore_errors=True)
+    shutil.rmtree(Path(partial) / settings.INDEXES_DIR, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Is this merge already done? (a rerun after a crash that came after the last step)
+
+
+def _published_marker(output_dir: Path) -> Path:
+    output_dir = Path(output_dir).absolute()
+    return output_dir.parent / f".{output_dir.name}{settings.PUBLISHED_SUFFIX}"
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recipe_plan_id(output_dir: Path) -> str | None:
+    """The plan id a finished output's recipe records, if any."""
+    import yaml
+
+    try:
+        document = yaml.safe_load((Path(output_dir) / settings.RECIPE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    section = document.get("recipe") if isinstance(document, dict) else None
+    engine = section.get("engine") if isinstance(section, dict) else None
+    plan_id = engine.get("plan_id") if isinstance(engine, dict) else None
+    return str(plan_id) if plan_id else None
+
+
+def may_hold_finished(output_dir: Path, *, temporary: bool) -> bool:
+    """Cheap: whether ``output_dir`` may hold a finished merge (a recipe, or for a
+    publish-only job the published marker), to be confirmed by :func:`finished_for`."""
+    if temporary:
+        return _published_marker(output_dir).is_file()
+    return (Path(output_dir) / settings.RECIPE_FILE).is_file()
+
+
+def finished_for(output_dir: Path, plan_id: str, *, temporary: bool) -> bool:
+    """Whether the output of plan ``plan_id`` is already finished (and published, for a
+    publish-only job whose local copy is gone): a rerun then has nothing to do."""
+    if partial_dir_for(output_dir).exists():
+        return False
+    if temporary:
+        return published_for(output_dir, plan_id)
+    return recipe_plan_id(output_dir) == plan_id
+
+
+def published_for(output_dir: Path, plan_id: str | None) -> bool:
+    """Whether this plan's output was already committed to the Hub (by a run that died
+    before it could remove its local copy)."""
+    if plan_id is None:
+        return False
+    marker = _read_json_object(_published_marker(output_dir))
+    return marker.get("plan_id") == plan_id and bool(marker.get("published"))
+
+
+def mark_published(output_dir: Path, plan_id: str, commit_url: str) -> None:
+    """Remember that this plan's output is on the Hub (read by :func:`published_for`)."""
+    path = _published_marker(output_dir)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"plan_id": plan_id, "published": commit_url}, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def forget_published(output_dir: Path) -> None:
+    """The folder is in place: its recipe says what it is; the marker goes."""
+    _published_marker(output_dir).unlink(missing_ok=True)
 
 
 def commit_partial(output_dir: Path) -> Path:
@@ -102,27 +166,12 @@ def commit_partial(output_dir: Path) -> Path:
     return output_dir
 
 
-def has_tokenizer(folder: Path) -> bool:
-    return any((Path(folder) / name).is_file() for name in TOKENIZER_MARKERS)
-
-
-def choose_tokenizer_source(base_dir: Path, adapter_dirs: Iterable[Path]) -> Path | None:
-    """The last adapter that ships a tokenizer, else the base (None if neither has one)."""
-    chosen: Path | None = None
-    for adapter_dir in adapter_dirs:
-        if has_tokenizer(adapter_dir):
-            chosen = Path(adapter_dir)
-    if chosen is None and has_tokenizer(base_dir):
-        chosen = Path(base_dir)
-    return chosen
-
-
 def copy_tokenizer(source: Path | None, dest: Path) -> list[str]:
     """Copy the tokenizer files of ``source`` byte for byte; returns the names copied."""
     if source is None:
         return []
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in settings.TOKENIZER_FILES:
         src = Path(source) / name
         if src.is_file():
             shutil.copyfile(src, Path(dest) / name)
@@ -134,11 +183,69 @@ def copy_tokenizer(source: Path | None, dest: Path) -> list[str]:
 
 
 def copy_generation_config(base_dir: Path, dest: Path) -> bool:
-    src = Path(base_dir) / "generation_config.json"
-    if src.is_file():
-        shutil.copyfile(src, Path(dest) / "generation_config.json")
+    """The base's ``generation_config.json``, unless an engine wrote one already."""
+    src = Path(base_dir) / settings.GENERATION_CONFIG_FILE
+    target = Path(dest) / settings.GENERATION_CONFIG_FILE
+    if src.is_file() and not target.is_file():
+        shutil.copyfile(src, target)
         return True
     return False
+
+
+def write_extras(out_dir: Path, base_dir: Path, adapter_dirs: Sequence[Path]) -> None:
+    """Tokenizer (from the last adapter that ships one, else the base), generation_config
+    and chat template next to the weights."""
+    source = choose_tokenizer_source(base_dir, adapter_dirs)
+    copied = copy_tokenizer(source, out_dir)
+    if copied:
+        log.info("tokenizer from %s: %s", source, ", ".join(copied))
+    else:
+        log.warning("no tokenizer found in the base or any adapter; the output has none")
+    copy_generation_config(base_dir, out_dir)
+
+
+def write_config(
+    out_dir: Path,
+    base_dir: Path,
+    *,
+    updates: Mapping[str, Any] | None,
+    config_from: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write ``out_dir/config.json`` once: the base's config with the keys the merge decided
+    (``updates``: tying, vocab_size, dtype; None where the engine saved its own config.json,
+    which is then the start), then ``config_from`` and the ``overrides``. Returns whether
+    config_from or overrides changed it."""
+    path = Path(out_dir) / settings.CONFIG_FILE
+    if updates is None and path.is_file():
+        config = model_config.read_config(out_dir)
+    else:
+        config = _with_updates(model_config.read_config(base_dir), updates or {})
+    changed = config_from is not None or bool(overrides)
+    if updates is None and path.is_file() and not changed:
+        return False  # the engine's own config.json stays byte for byte
+    if changed:
+        config = model_config.merged_config(
+            config, config_from=config_from, overrides=overrides or {}
+        )
+    write_json(path, config)
+    return changed
+
+
+def _with_updates(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """``updates`` applied where transformers reads them (a multimodal config's text part
+    for the text keys; ``dtype`` replacing the old ``torch_dtype``)."""
+    text = config.get("text_config")
+    for key, value in updates.items():
+        if key == "dtype":
+            config.pop("torch_dtype", None)
+            config["dtype"] = value
+            continue
+        if isinstance(text, dict) and (key in text or key not in config):
+            text[key] = value
+        if key in config or not isinstance(text, dict):
+            config[key] = value
+    return config
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -148,9 +255,3 @@ def read_json(path: Path) -> dict[str, Any]:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON the way transformers does (sorted keys, 2-space indent, newline)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def model_type_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The text part of a config (multimodal configs nest it under text_config)."""
-    text = config.get("text_config")
-    return text if isinstance(text, Mapping) else config

@@ -13,23 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergejob import model_config, output, recipe, settings
+from mergejob import logs, model_config, output, recipe, settings
 from mergejob.errors import (
     InputError,
     InputsChangedError,
     MergeFailedError,
-    ModelError,
+    SpecError,
     listing,
 )
-from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.job import EngineReport, PreparedJob
-from mergejob.plan.work import check_lora_shapes, plan_for_job
+from mergejob.plan.checks import check_job
+from mergejob.plan.work import plan_for_job
 from mergejob.recipe import Timings
 from mergejob.sources import (
     ADAPTER_PATTERNS,
     BASE_PATTERNS,
     CONFIG_PATTERNS,
-    ResolvedSource,
     resolve_source,
 )
 from mergejob.spec import MergeSpec
@@ -54,24 +53,29 @@ class MergeResult:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     published: PublishResult | None = None
+    already_finished: bool = False
 
     def summary(self) -> str:
         """What a command prints when the job is done."""
         lines = []
-        if self.output_dir is not None:
-            lines.append(f"merged model written to {self.output_dir} in {self.seconds:.1f}s")
+        if self.already_finished:
+            where = self.output_dir if self.output_dir is not None else "the Hub"
+            lines.append(f"{where} already holds this merge: nothing to do")
+        elif self.output_dir is not None:
+            lines.append(logs.merged_line(self.output_dir, self.seconds))
         else:
             lines.append(f"merged in {self.seconds:.1f}s")
         if self.published is not None:
             where = self.published.pr_url or self.published.commit_url
-            lines.append(f"published to {self.published.url}: {where}")
+            lines.append(logs.published_line(self.published.url, where))
         return "\n".join(lines)
 
 
 def prepare(
     spec: MergeSpec, *, token: str | None = None, timings: Timings | None = None
 ) -> PreparedJob:
-    """Resolve every source to local files and check the job; no weights are read."""
+    """Resolve every source to local files and check the job (:func:`check_job`, then the
+    stream engine's plan); no weights are read."""
     timings = timings or Timings()
     with timings.phase("resolve"):
         base = resolve_source(spec.base, role="base model", patterns=BASE_PATTERNS, token=token)
@@ -85,21 +89,20 @@ def prepare(
                 spec.config.config_from, role="config_from", patterns=CONFIG_PATTERNS, token=token
             )
     with timings.phase("plan"):
-        if not (base.local_dir / "config.json").is_file():
-            raise ModelError(f"{base.local_dir}/config.json: missing; is this a model folder?")
-        index = CheckpointIndex.from_folder(base.local_dir)
-        if spec.engine.name != "stream":
-            for adapter in adapters:
-                check_lora_shapes(index, adapter.local_dir)
-        dtype = spec.output.dtype if spec.output.dtype != "auto" else index.stored_dtype()
-        if dtype not in {"bfloat16", "float16", "float32"}:
-            raise ModelError(
-                f"{base.local_dir}: weights are stored as {dtype}; pass --dtype bfloat16, "
-                "float16 or float32"
-            )
-        check_output_config(spec, base, adapters, config_from, index)
+        checked = check_job(
+            spec,
+            base.local_dir,
+            [a.local_dir for a in adapters],
+            config_from.local_dir if config_from else None,
+            config_from_name=config_from.display if config_from else None,
+        )
+        assert checked.output_dtype is not None  # raising mode: a failed check raised
         job = PreparedJob(
-            spec=spec, base=base, adapters=adapters, output_dtype=dtype, config_from=config_from
+            spec=spec,
+            base=base,
+            adapters=adapters,
+            output_dtype=checked.output_dtype,
+            config_from=config_from,
         )
         if spec.engine.name == "stream":
             # Every check of the stream engine (each adapter tensor lands on one base
@@ -108,24 +111,113 @@ def prepare(
     return job
 
 
-def check_output_config(
+@dataclass
+class StartedJob:
+    """A job past every check, ready for its engine: what :func:`start_job` hands the
+    engine and :func:`finish_output`.
+
+    ``inputs`` gives the recipe's input records (hashed on a thread beside the merge, or
+    already checked against a recipe's); ``finished`` is true when the output already holds
+    this very merge (a rerun after a crash that came after the last step).
+    """
+
+    job: PreparedJob
+    out_dir: Path
+    partial: Path
+    temporary: bool
+    target: HubTarget | None
+    token: str | None
+    timings: Timings
+    inputs: Callable[[], list[dict[str, Any]]]
+    started: float
+    plan_id: str | None = None
+    finished: bool = False
+
+    @property
+    def spec(self) -> MergeSpec:
+        return self.job.spec
+
+
+def output_dir_of(spec: MergeSpec, target: HubTarget | None) -> Path:
+    """Where the job writes: ``output.dir``, or for a publish-only job a temporary folder in
+    a fixed place per repo (so that a rerun resumes from its finished shards)."""
+    if spec.output.dir is not None:
+        return Path(spec.output.dir)
+    if target is not None:
+        from mergejob.publish import default_local_dir
+
+        return default_local_dir(target)
+    raise SpecError("output.dir: required unless publish.repo_id is set")
+
+
+def start_job(
     spec: MergeSpec,
-    base: ResolvedSource,
-    adapters: list[ResolvedSource],
-    config_from: ResolvedSource | None,
-    index: CheckpointIndex,
-) -> None:
-    """config_from and overrides: every check before any weight is read."""
-    if config_from is None and not spec.config.overrides:
-        return
-    base_config = model_config.read_config(base.local_dir)
-    model_config.plan_output_config(
-        base_config,
-        config_from=model_config.read_config(config_from.local_dir) if config_from else None,
-        config_from_name=config_from.display if config_from else None,
-        overrides=spec.config.overrides,
-        allow_unknown=spec.config.allow_unknown_keys,
-        vocab_size=model_config.merged_vocab_size(base_config, [a.local_dir for a in adapters]),
+    *,
+    token: str | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
+    hash_inputs: bool = True,
+    shared_partial: bool = False,
+) -> StartedJob:
+    """Everything before the engine, in this order: the Hub access (a bad token fails in
+    seconds, before any download), the output folder, the sources and every check
+    (:func:`prepare`), the inputs against a recipe's record (``recorded_inputs``: a rerun
+    from a recipe fails before writing anything if they changed), the partial folder.
+
+    ``hash_inputs``: hash the inputs for the recipe on a thread beside the merge (the job
+    that writes the recipe). ``shared_partial``: the partial folder is shared with other
+    indices of an Indexed Job: it is created if missing and never cleared here.
+    """
+    started = time.monotonic()
+    token = token if token is not None else settings.hub_token()
+    target: HubTarget | None = None
+    if spec.publish is not None:
+        from mergejob import publish
+
+        target = publish.check_access(spec.publish, token=token)
+        token = publish.resolve_token(token)
+    out_dir = output_dir_of(spec, target)
+    temporary = spec.output.dir is None
+    overwrite = spec.output.overwrite or temporary
+    # An output folder that holds something else fails before any download; one that may
+    # hold this very merge is looked at once the plan (and its id) is known.
+    maybe_finished = output.may_hold_finished(out_dir, temporary=temporary)
+    if not maybe_finished:
+        output.check_output_dir(out_dir, overwrite=overwrite)
+    timings = Timings()
+    job = prepare(spec, token=token, timings=timings)
+    plan_id = plan_for_job(job).plan_id if spec.engine.name == "stream" else None
+    finished = (
+        maybe_finished
+        and plan_id is not None
+        and output.finished_for(out_dir, plan_id, temporary=temporary)
+    )
+    if maybe_finished and not finished:
+        output.check_output_dir(out_dir, overwrite=overwrite)
+    inputs: Callable[[], list[dict[str, Any]]]
+    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
+        checked = check_recorded_inputs(job, recorded_inputs, timings)
+        inputs = lambda: checked  # noqa: E731 - one of two ways to the same answer
+    elif hash_inputs and not finished:
+        inputs = InputDigests(job).result  # for the recipe, beside the merge
+    else:
+        inputs = lambda: input_records(job)  # noqa: E731 - only if asked for
+    partial = output.partial_dir_for(out_dir)
+    if not finished:
+        # The stream engine resumes from the finished shards an interrupted run left.
+        resume = shared_partial or spec.engine.name == "stream"
+        partial = output.open_partial(out_dir, resume=resume)
+    return StartedJob(
+        job=job,
+        out_dir=out_dir,
+        partial=partial,
+        temporary=temporary,
+        target=target,
+        token=token,
+        timings=timings,
+        inputs=inputs,
+        started=started,
+        plan_id=plan_id,
+        finished=finished,
     )
 
 
@@ -149,81 +241,95 @@ def merge(
         )
         result = mergejob.merge(spec)
     """
-    started = time.monotonic()
-    token = token if token is not None else settings.hub_token()
-    target: HubTarget | None = None
-    if spec.publish is not None:
-        from mergejob import publish
-
-        # Before any download or tensor: a bad token fails in seconds, not after the merge.
-        target = publish.check_access(spec.publish, token=token)
-        token = publish.resolve_token(token)
-    # Publishing with no output.dir: the local copy is temporary, in a fixed place per
-    # repo so that a rerun resumes from its finished shards.
-    temporary = spec.output.dir is None
-    if spec.output.dir is not None:
-        out_dir = Path(spec.output.dir)
-    elif target is not None:
-        from mergejob.publish import default_local_dir
-
-        out_dir = default_local_dir(target)
-    else:
-        raise InputError("output.dir: required unless publish.repo_id is set")
-    output.check_output_dir(out_dir, overwrite=spec.output.overwrite or temporary)
-    timings = Timings()
-    job = prepare(spec, token=token, timings=timings)
-    inputs_of: Callable[[], list[dict[str, Any]]]
-    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
-        checked = check_recorded_inputs(job, recorded_inputs, timings)
-        inputs_of = lambda: checked  # noqa: E731 - one of two ways to the same answer
-    else:
-        inputs_of = InputDigests(job).result  # for the recipe, beside the merge
-    # The stream engine resumes from the finished shards an interrupted run left behind.
+    job = start_job(spec, token=token, recorded_inputs=recorded_inputs)
+    if job.finished:
+        return already_finished(job)
     resumable = spec.engine.name == "stream"
-    partial = output.open_partial(out_dir, resume=resumable)
-    uploader = start_uploader(spec, target, token) if target is not None else None
-    published: PublishResult | None = None
-    complete = False  # the output folder is finished; only publishing is left
+    uploader = start_uploader(spec, job.target, job.token) if job.target is not None else None
     try:
-        with timings.phase("merge", engine=spec.engine.name):
-            report = run_engine(job, partial, on_shard_done=uploader)
-        with timings.phase("write"):
-            write_extras(job, partial)
-            write_config(job, partial)
-            write_card(
-                job, partial, report, repo_id=target.repo_id if target else None, token=token
-            )
-        write_recipe(job, partial, report, timings, inputs=inputs_of())
-        complete = True
-        if target is not None:
-            with timings.phase("publish", repo=target.display):
-                published = publish_output(job, partial, target, uploader, token)
-        if temporary:
-            files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
-            output.discard_partial(out_dir)
-            final: Path | None = None
-        else:
-            # The shard records were kept until now, so that a rerun after a failed publish
-            # merges nothing again; the finished folder does not need them.
-            output.drop_records(partial)
-            final = output.commit_partial(out_dir)
-            files = sorted(p.name for p in final.iterdir())
+        with job.timings.phase("merge", engine=spec.engine.name):
+            report = run_engine(job.job, job.partial, on_shard_done=uploader)
+        return finish_output(job, report, uploader=uploader)
     except BaseException as exc:
+        # The recipe is written last: with it, the folder is finished and only publishing
+        # is left; keep it for the rerun.
+        complete = (job.partial / settings.RECIPE_FILE).is_file()
         if resumable and (complete or not isinstance(exc, InputError | MergeFailedError)):
-            log.warning("kept %s: rerun the same job to resume from its finished shards", partial)
+            log.warning(
+                "kept %s: rerun the same job to resume from its finished shards", job.partial
+            )
         else:
-            output.discard_partial(out_dir)
+            output.discard_partial(job.out_dir)
         raise
     finally:
         if uploader is not None:
             uploader.close(wait=False)
+
+
+def finish_output(
+    job: StartedJob,
+    report: EngineReport,
+    *,
+    uploader: ShardUploader | None = None,
+) -> MergeResult:
+    """Everything after the engine, in this order: tokenizer and generation_config,
+    config.json, card, recipe (last: it lists every other file), the Hub commit, then the
+    shard records go and the folder is renamed into place (or, publish-only, removed).
+
+    Every entry point ends here: a local merge, ``mergejob run``, and the finaliser of an
+    Indexed Job. A crash anywhere before the rename leaves the partial folder for a rerun.
+    """
+    prepared, partial, timings = job.job, job.partial, job.timings
+    with timings.phase("write"):
+        output.write_extras(partial, prepared.base.local_dir, prepared.adapter_dirs)
+        write_config(prepared, partial, report)
+        write_card(
+            prepared,
+            partial,
+            report,
+            repo_id=job.target.repo_id if job.target else None,
+            token=job.token,
+        )
+    write_recipe(prepared, partial, report, timings, inputs=job.inputs())
+    published: PublishResult | None = None
+    if job.target is not None and not output.published_for(job.out_dir, job.plan_id):
+        with timings.phase("publish", repo=job.target.display):
+            published = publish_output(prepared, partial, job.target, uploader, job.token)
+        if job.plan_id is not None:
+            output.mark_published(job.out_dir, job.plan_id, published.commit_url)
+    # Last: the shard records (a crash before this point redoes the step, merging nothing).
+    output.drop_records(partial)
+    final: Path | None
+    if job.temporary:
+        files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
+        output.discard_partial(job.out_dir)
+        final = None
+    else:
+        final = output.commit_partial(job.out_dir)
+        files = sorted(p.name for p in final.iterdir())
+    # The marker only bridges a crash between the commit and here; a publish-only job
+    # leaves nothing on this machine.
+    output.forget_published(job.out_dir)
     return MergeResult(
         output_dir=final,
         engine=report,
         files=files,
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - job.started,
         timings=dict(timings.seconds),
         published=published,
+    )
+
+
+def already_finished(job: StartedJob) -> MergeResult:
+    """The result of a job whose output already holds this very merge (and, publishing, is
+    on the Hub): nothing is merged, written or uploaded again."""
+    log.info("%s already holds this merge (plan %s): nothing to do", job.out_dir, job.plan_id)
+    return MergeResult(
+        output_dir=None if job.temporary else job.out_dir.absolute(),
+        engine=EngineReport(engine=job.spec.engine.name, extra={"already_finished": True}),
+        files=[] if job.temporary else sorted(p.name for p in job.out_dir.iterdir()),
+        seconds=time.monotonic() - job.started,
+        already_finished=True,
     )
 
 
@@ -241,20 +347,19 @@ def run_engine(
         from mergejob.engines.stream import merge_with_stream
 
         return merge_with_stream(job, out_dir, on_shard_done=on_shard_done)
-    from mergejob.errors import SpecError
-
     raise SpecError(f"engine.name: {name!r}: unknown engine; use --engine stream or peft")
 
 
-def write_config(job: PreparedJob, out_dir: Path) -> None:
-    """config.json: what the engine wrote, with config_from and the overrides applied."""
+def write_config(job: PreparedJob, out_dir: Path, report: EngineReport) -> None:
+    """config.json, once: the keys the engine's merge decided, then config_from and the
+    overrides (:func:`mergejob.output.write_config`)."""
     config_from = model_config.read_config(job.config_from.local_dir) if job.config_from else None
-    if model_config.finalize_output_config(
+    if output.write_config(
         out_dir,
         job.base.local_dir,
+        updates=report.config_updates,
         config_from=config_from,
         overrides=job.spec.config.overrides,
-        output_dtype=job.output_dtype,
     ):
         log.info("config.json: %s", describe_config_changes(job))
 
@@ -399,15 +504,23 @@ def write_card(
     )
 
 
-def start_uploader(spec: MergeSpec, target: HubTarget, token: str | None) -> ShardUploader:
+def start_uploader(
+    spec: MergeSpec,
+    target: HubTarget,
+    token: str | None,
+    *,
+    delete_uploaded: bool | None = None,
+) -> ShardUploader:
     """The background uploader the engine hands each finished shard to. With
-    ``delete_uploaded``, at most two finished shards wait for it (disk use stays bounded;
-    with several local workers the bound holds for the shards they report, not for those
-    they are still writing)."""
+    ``delete_uploaded`` (default: the spec's), at most two finished shards wait for it (disk
+    use stays bounded; with several local workers the bound holds for the shards they
+    report, not for those they are still writing)."""
     from mergejob import publish
 
     token = publish.resolve_token(token)
     delete = bool(spec.publish and spec.publish.delete_uploaded)
+    if delete_uploaded is not None:
+        delete = delete_uploaded
     return publish.ShardUploader(
         publish.hub_api(token),
         target,
@@ -449,15 +562,3 @@ def publish_output(
 
 def _plain(value: object) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
-
-
-def write_extras(job: PreparedJob, out_dir: Path) -> None:
-    """Tokenizer, generation_config and chat template next to the weights."""
-    source = output.choose_tokenizer_source(job.base.local_dir, job.adapter_dirs)
-    copied = output.copy_tokenizer(source, out_dir)
-    if copied:
-        log.info("tokenizer from %s: %s", source, ", ".join(copied))
-    else:
-        log.warning("no tokenizer found in the base or any adapter; the output has none")
-    if not (out_dir / "generation_config.json").is_file():
-        output.copy_generation_config(job.base.local_dir, out_dir)

@@ -143,16 +143,6 @@ class PublishResult:
 # Token and access
 
 
-def token_source() -> str:
-    """Where the token comes from, for messages (never the token itself)."""
-    if os.environ.get("HF_TOKEN", "").strip():
-        return "HF_TOKEN"
-    path = os.environ.get("HF_TOKEN_PATH", "")
-    if path:
-        return f"HF_TOKEN_PATH={path}"
-    return "the huggingface_hub login (hf auth login)"
-
-
 def resolve_token(token: str | None = None) -> str:
     """The token to publish with: ``token``, else ``HF_TOKEN`` / ``HF_TOKEN_PATH``, else the
     huggingface_hub login. No token at all is bad input (exit code 2)."""
@@ -173,9 +163,7 @@ def hub_api(token: str) -> HfApi:
     """An ``HfApi`` for ``HF_ENDPOINT`` that sends ``token`` and names mergejob as its user agent."""
     from huggingface_hub import HfApi
 
-    import mergejob
-
-    return HfApi(token=token, library_name="mergejob", library_version=mergejob.__version__)
+    return HfApi(token=token, library_name="mergejob", library_version=settings.VERSION)
 
 
 def check_access(
@@ -198,7 +186,7 @@ def check_access(
     token = resolve_token(token)
     api = api or hub_api(token)
     retry = retry or DEFAULT_RETRY
-    source = token_source()
+    source = settings.token_source()
     try:
         me = _retrying("whoami", lambda: api.whoami(token=token), token, retry)
     except Exception as exc:

@@ -20,12 +20,17 @@ import os
 import sys
 from collections.abc import Mapping
 
+# The package version (mergejob.__version__ is this; modules read it here, not from the
+# package, so that nothing imports the package root back).
+VERSION = "0.1.0"
+
 DEFAULT_CONFIG_PATH = "/etc/mergejob/config.yaml"
+CONFIG_ENV = "MERGEJOB_CONFIG"
 
 
 def config_path() -> str:
     """The spec file that ``mergejob run`` reads."""
-    return os.environ.get("MERGEJOB_CONFIG", DEFAULT_CONFIG_PATH)
+    return os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_PATH)
 
 
 def log_format() -> str:
@@ -115,8 +120,28 @@ SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SAFETENSORS_FILE = "model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_PICKLE_FILE = "adapter_model.bin"  # refused: pickle weights are not read
 RECIPE_FILE = "mergejob.yaml"
 CARD_FILE = "README.md"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# A folder that holds one of these ships a tokenizer.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Beside and inside an output folder while a job runs.
+PARTIAL_SUFFIX = ".mergejob-partial"  # .NAME.mergejob-partial: the folder being written
+PUBLISHED_SUFFIX = ".mergejob-finalized.json"  # .NAME...: this plan is on the Hub already
+INDEXES_DIR = ".mergejob-indexes"  # in the partial folder: each finished index's marker
 # PEFT saves adapter tensors under the wrapped model's attribute path.
 PEFT_PREFIX = "base_model.model."
 

@@ -8,15 +8,17 @@ The resolved commit hash is kept for the recipe.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergejob import settings
 from mergejob.errors import SourceNotFoundError, TokenError
 from mergejob.spec import SourceSpec
 
-# Files a merge needs from a base model: weights, configs, tokenizer, chat template.
-BASE_PATTERNS = [
-    "*.safetensors",
+# Files a merge needs from a base model besides its weights: configs, tokenizer, chat
+# template (all a plan reads when the headers come over HTTP) ...
+BASE_SMALL_PATTERNS = [
     "*.safetensors.index.json",
     "*.json",
     "*.model",
@@ -25,17 +27,19 @@ BASE_PATTERNS = [
     "*.jinja",
     "*.py",
 ]
+# ... and with the weights.
+BASE_PATTERNS = ["*.safetensors", *BASE_SMALL_PATTERNS]
 ADAPTER_PATTERNS = [
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
+    settings.ADAPTER_CONFIG_FILE,
+    settings.ADAPTER_WEIGHTS_FILE,
+    settings.ADAPTER_PICKLE_FILE,
     "*.json",
     "*.model",
     "*.tiktoken",
     "*.txt",
     "*.jinja",
 ]
-CONFIG_PATTERNS = ["config.json", "generation_config.json"]
+CONFIG_PATTERNS = [settings.CONFIG_FILE, settings.GENERATION_CONFIG_FILE]
 
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -126,3 +130,19 @@ def _download(
     local_dir = Path(folder)
     commit = local_dir.name if re.fullmatch(r"[0-9a-f]{40}", local_dir.name) else None
     return ResolvedSource(spec=spec, local_dir=local_dir, repo_id=spec.path, commit=commit)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` ships a tokenizer."""
+    return any((Path(folder) / name).is_file() for name in settings.TOKENIZER_MARKERS)
+
+
+def choose_tokenizer_source(base_dir: Path, adapter_dirs: Iterable[Path]) -> Path | None:
+    """The last adapter that ships a tokenizer, else the base (None if neither has one)."""
+    chosen: Path | None = None
+    for adapter_dir in adapter_dirs:
+        if has_tokenizer(adapter_dir):
+            chosen = Path(adapter_dir)
+    if chosen is None and has_tokenizer(base_dir):
+        chosen = Path(base_dir)
+    return chosen

@@ -22,6 +22,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -478,6 +479,51 @@ def env_labels(overrides: Mapping[str, Any]) -> dict[str, str]:
         field = "config.overrides" if key.startswith("config.overrides.") else key
         labels[key] = by_field.get(field, key)
     return labels
+
+
+@dataclass(frozen=True)
+class RunSources:
+    """What ``mergejob run`` layers under its flags: the spec file read (``path``, None when
+    there was none to read) and its content, then the ``MERGEJOB_*`` overrides."""
+
+    path: str | None
+    file_data: dict[str, Any]
+    environment: dict[str, Any]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Which variable set each key of ``environment`` (for error messages)."""
+        return env_labels(self.environment)
+
+
+def run_sources(
+    overrides: Mapping[str, Any], environ: Mapping[str, str], *, config: str | None = None
+) -> RunSources:
+    """The layers of ``mergejob run`` under ``overrides`` (its flags, as dotted keys):
+    file, then ``MERGEJOB_*`` variables, then the overrides (see :func:`build_spec`).
+
+    The file is ``config``, else ``$MERGEJOB_CONFIG``, else the mounted ConfigMap's path
+    (``settings.DEFAULT_CONFIG_PATH``). Only that default may be missing, and only when the
+    variables and ``overrides`` name the base and the adapters. ``environ`` is the process
+    environment (``settings.environ()``), or a mapping standing for it.
+
+    Example::
+
+        sources = run_sources({"output.dtype": "float16"}, settings.environ())
+        spec = build_spec(sources.file_data, sources.environment, {"output.dtype": "float16"})
+    """
+    explicit = bool(config) or bool(environ.get(settings.CONFIG_ENV))
+    path = config or environ.get(settings.CONFIG_ENV) or settings.DEFAULT_CONFIG_PATH
+    environment = env_overrides(environ)
+    given = {**environment, **overrides}
+    if not explicit and not Path(path).exists():
+        if "base.path" not in given or "adapters" not in given:
+            raise SpecError(
+                f"{path}: spec file not found; mount the ConfigMap there, set MERGEJOB_CONFIG "
+                "or pass --config, or give MERGEJOB_BASE and MERGEJOB_ADAPTERS"
+            )
+        return RunSources(path=None, file_data={}, environment=environment)
+    return RunSources(path=path, file_data=load_spec_file(path), environment=environment)
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

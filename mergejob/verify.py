@@ -31,13 +31,14 @@ from typing import Any
 
 import torch
 
+from mergejob import settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, ModelError
 from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.headers import read_tensors
 
 log = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 DEFAULT_SAMPLE = 24
 
 
@@ -112,7 +113,7 @@ def load_adapter(
 
     replacements: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        key = key.removeprefix(PEFT_PREFIX)
+        key = key.removeprefix(settings.PEFT_PREFIX)
         value = tensor.float()
         for suffix, attr in (
             (".lora_A.weight", "lora_a"),
@@ -568,7 +569,7 @@ def _logits_check(
         want = reference(tokens).logits.float()
     diff = float((got - want).abs().max())
     scale = float(want.abs().max()) + 1e-6
-    dtype = str(json.loads((out / "config.json").read_text()).get("dtype", "bfloat16"))
+    dtype = str(json.loads((out / settings.CONFIG_FILE).read_text()).get("dtype", "bfloat16"))
     rel_tol = 5e-2 if dtype in ("bfloat16", "float16") else 1e-4
     ok = diff <= rel_tol * scale
     return {
@@ -583,11 +584,9 @@ def _logits_check(
 
 
 def _touches_embeddings(adapter_dirs: list[Path]) -> bool:
-    from mergejob.io.checkpoint import read_header
-
     for adapter_dir in adapter_dirs:
-        header, _ = read_header(adapter_weights_path(adapter_dir))
-        if any(t in name for name in header for t in ("embed", "lm_head", "wte")):
+        names = read_tensors(adapter_weights_path(adapter_dir))
+        if any(t in name for name in names for t in ("embed", "lm_head", "wte")):
             return True
     return False
 

@@ -77,7 +77,7 @@ def _all_keys(adapter: Path) -> set[str]:
 
 def _accounted(factors: AdapterFactors) -> set[str]:
     keys = {k for lora in factors.loras for k in lora.keys}
-    keys |= {f.ref.key for f in factors.full}
+    keys |= {f.ref.name for f in factors.full}
     keys |= {t.key for t in factors.ignored}
     return keys
 

@@ -17,7 +17,8 @@ def job(models) -> dict[str, Path]:
 
 @pytest.mark.parametrize("command", ["merge", "plan", "run"])
 def test_every_job_command_takes_the_seed_flags_and_config(command: str) -> None:
-    from mergejob.cli import build_parser, flag_overrides
+    from mergejob.cli import build_parser
+    from mergejob.cli.args import flag_overrides
 
     args = build_parser().parse_args(
         [command, "--config", "spec.yaml", "--base_model_name_or_path", "org/base",

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mergejob.errors import SpecError
 from mergejob.indexed import device_shares, index_from_env, index_shards
 from mergejob.io.shards import RECORDS_DIR
-from tests.conftest import ModelFactory
+from tests.support.models import ModelFactory
 
 RunCli = Callable[..., tuple[int, str, str]]
 SHARD = "20KB"  # the tiny base in 12 shards
@@ -29,7 +29,7 @@ SHARD = "20KB"  # the tiny base in 12 shards
 # `mergejob` in a subprocess whose write_shard sleeps first: slow enough to kill mid-way.
 SLOW_MERGEJOB = (
     "import sys, time\n"
-    "import mergejob.engines.stream as stream\n"
+    "import mergejob.engines.worker as stream\n"
     "real = stream.write_shard\n"
     "def slow(*a, **k):\n"
     "    time.sleep(0.4)\n"

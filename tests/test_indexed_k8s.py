@@ -17,17 +17,10 @@ import yaml
 from kubernetes import client as k8s
 
 from mergejob.launch.manifests import to_dict
-from tests.conftest import ModelFactory
-from tests.kube.cluster import LocalCluster
-from tests.kube.kubelet import FakeKubelet
-from tests.test_manifests_kustomize import (
-    RBAC_KINDS,
-    differences,
-    kubectl,  # noqa: F401 - fixture
-    kustomize,
-    normalise,
-    render_command,
-)
+from tests.support.kube.cluster import LocalCluster
+from tests.support.kube.kubelet import FakeKubelet
+from tests.support.kustomize import RBAC_KINDS, differences, kustomize, normalise, render_command
+from tests.support.models import ModelFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 RunCli = Callable[..., tuple[int, str, str]]
@@ -79,7 +72,7 @@ def test_submit_workers_needs_shared_storage_and_the_stream_engine(run_cli: RunC
 
 @pytest.mark.kube
 def test_indexed_overlay_builds_the_objects_render_prints(
-    kubectl: Path,  # noqa: F811
+    kubectl: Path,
     run_cli: RunCli,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,5 +1,5 @@
 """The launcher against a real API server (kube-apiserver + Job controller 1.20.2 on loopback,
-tests/kube/) with a kubelet stand-in that runs each Pod's container here: `mergejob submit`
+tests/support/kube/) with a kubelet stand-in that runs each Pod's container here: `mergejob submit`
 creates the objects, the controller makes the Pod, the stand-in runs the image's
 `mergejob run` (mapped to this virtualenv) with the Pod's environment and its ConfigMap
 mounted, and streams its output as the Pod's log.
@@ -26,9 +26,9 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from mergejob.launch.manifests import SPEC_SHA_ANNOTATION, to_dict
-from tests.conftest import ModelFactory
-from tests.kube.cluster import LocalCluster
-from tests.kube.kubelet import FakeKubelet
+from tests.support.kube.cluster import LocalCluster
+from tests.support.kube.kubelet import FakeKubelet
+from tests.support.models import ModelFactory
 
 pytestmark = pytest.mark.kube
 

@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
-from mergejob.launch.kube import (
-    JobStatus,
-    PodReport,
-    _PrefixedLines,
-    progress_from_log,
-    summarize,
-)
+from mergejob.launch.follow import _PrefixedLines
+from mergejob.launch.status import JobStatus, PodReport, progress_from_log, summarize
 
 RunCli = Callable[..., tuple[int, str, str]]
 T0 = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

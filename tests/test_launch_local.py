@@ -8,7 +8,7 @@ from pathlib import Path
 from mergejob.launch.local import local_environment
 from mergejob.launch.manifests import CONFIG_MOUNT, LaunchOptions, build_objects
 from mergejob.spec import MergeSpec
-from tests.conftest import ModelFactory
+from tests.support.models import ModelFactory
 
 RunCli = Callable[..., tuple[int, str, str]]
 

@@ -2,8 +2,9 @@
 
 Each kustomization.yaml names, in a comment line ``# mergejob render ...``, the render
 command that builds the same Job and ConfigMap; these tests build the kustomization with the
-project's kubectl 1.35 (kustomize 5.7, from tests/kube/build_k8s.sh), validate every object
-against the Kubernetes 1.33 schemas in strict mode, and compare. The differences by design:
+project's kubectl 1.35 (kustomize 5.7, from tests/support/kube/build_k8s.sh), validate every
+object against the Kubernetes 1.33 schemas in strict mode, and compare (the helpers are in
+tests/support/kustomize.py). The differences by design:
 
 * the ConfigMap's name carries kustomize's content hash (``mergejob-spec-<hash>``), and the
   Job's volume names it so; mergejob names it ``<job>-spec``;
@@ -19,15 +20,8 @@ against the Kubernetes 1.33 schemas in strict mode, and compare. The differences
 
 from __future__ import annotations
 
-import copy
-import functools
-import os
-import re
-import shlex
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -35,99 +29,23 @@ import yaml
 
 from mergejob.launch.manifests import SPEC_SHA_ANNOTATION
 from mergejob.spec import MergeSpec
-from tests.kube.cluster import BUILD_SCRIPT, bin_dir, kubectl_path
+from tests.support.kustomize import (
+    HASHED,
+    K8S,
+    K8S_SCHEMA_VERSION,
+    RBAC_KINDS,
+    ROOT,
+    differences,
+    kustomize,
+    normalise,
+    render_command,
+)
 
 pytestmark = pytest.mark.kube
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/gpu-node", "overlays/cpu-node"]
-RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding"}
-K8S_SCHEMA_VERSION = "1.33"
-_HASHED = re.compile(r"^(?P<name>.+)-[a-z0-9]{10}$")
 
 RunCli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture(scope="module")
-def kubectl() -> Path:
-    path = kubectl_path()
-    if path is None:
-        reason = f"kubectl (with kustomize) missing in {bin_dir()}: run `bash {BUILD_SCRIPT}` once"
-        if os.environ.get("MERGEJOB_REQUIRE_KUBE") == "1":
-            pytest.fail(reason + " [MERGEJOB_REQUIRE_KUBE=1]", pytrace=False)
-        pytest.skip(reason)
-    return path
-
-
-def kustomize(kubectl: Path, directory: str) -> list[dict[str, Any]]:
-    """``kubectl kustomize k8s/DIRECTORY``, parsed (a fresh copy each call)."""
-    return copy.deepcopy(_kustomize(kubectl, directory))
-
-
-@functools.cache
-def _kustomize(kubectl: Path, directory: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [str(kubectl), "kustomize", str(K8S / directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "KUBECONFIG": os.devnull},
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def render_command(directory: str) -> list[str]:
-    """The ``# mergejob render ...`` line of a kustomization.yaml, as argv."""
-    text = (K8S / directory / "kustomization.yaml").read_text()
-    match = re.search(r"^#\s+mergejob (render .*)$", text, re.MULTILINE)
-    assert match, f"k8s/{directory}/kustomization.yaml names no `mergejob render` line"
-    return shlex.split(match.group(1))
-
-
-def normalise(doc: dict[str, Any]) -> dict[str, Any]:
-    """Take out what differs by design (see the module docstring)."""
-    doc = yaml.safe_load(yaml.safe_dump(doc))  # a deep copy
-    meta = doc["metadata"]
-    annotations = meta.get("annotations") or {}
-    annotations.pop(SPEC_SHA_ANNOTATION, None)
-    if not annotations:
-        meta.pop("annotations", None)
-    if doc["kind"] == "ConfigMap":
-        meta["name"] = _unhash(meta["name"])
-        spec = MergeSpec.model_validate(yaml.safe_load(doc["data"]["config.yaml"]))
-        doc["data"]["config.yaml"] = spec.model_dump(mode="json")
-    if doc["kind"] == "Job":
-        pod = doc["spec"]["template"]["spec"]
-        for volume in pod["volumes"]:
-            if "configMap" in volume:
-                volume["configMap"]["name"] = _unhash(volume["configMap"]["name"])
-        # A strategic-merge patch puts the volumes it patches first; their order means nothing.
-        pod["volumes"].sort(key=lambda volume: volume["name"])
-    return doc
-
-
-def differences(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two parsed objects differ, as ``path: a != b`` lines (empty when equal)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            line
-            for key in sorted(set(a) | set(b))
-            for line in differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{path}.{key}")
-        ]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [
-            line
-            for i, (x, y) in enumerate(zip(a, b, strict=True))
-            for line in differences(x, y, f"{path}[{i}]")
-        ]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
-
-
-def _unhash(name: str) -> str:
-    match = _HASHED.match(name)
-    return match.group("name") if match and match.group("name").endswith("-spec") else name
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
@@ -160,7 +78,7 @@ def test_kustomize_builds_the_objects_render_prints(
         assert differences(normalise(by_kind[doc["kind"]]), normalise(doc)) == [], doc["kind"]
     # The hash suffix is on the ConfigMap and on the Job's reference to it, consistently.
     cm_name = by_kind["ConfigMap"]["metadata"]["name"]
-    assert _HASHED.match(cm_name) and cm_name.startswith("mergejob-spec-")
+    assert HASHED.match(cm_name) and cm_name.startswith("mergejob-spec-")
     volumes = by_kind["Job"]["spec"]["template"]["spec"]["volumes"]
     assert {"name": "config", "configMap": {"name": cm_name}} in volumes
 

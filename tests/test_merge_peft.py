@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mergejob
-from tests.seed_oracle import load_folder, seed_merge
+from tests.support.oracle import seed_merge
+from tests.support.tensors import load_folder
 
 ADAPTERS: dict[str, dict[str, Any]] = {
     "attn": {"target_modules": ["q_proj", "v_proj"], "seed": 11},

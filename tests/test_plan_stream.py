@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from mergejob.errors import IncompatibleAdapterError
 from mergejob.plan.work import build_plan
-from tests.test_stream_fidelity import bitwise_equal, load_folder, peft_merge
+from tests.support.oracle import peft_merge
+from tests.support.tensors import bitwise_equal, load_folder
 
 
 @pytest.fixture(scope="module")

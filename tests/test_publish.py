@@ -21,40 +21,10 @@ from huggingface_hub.errors import RepositoryNotFoundError
 import mergejob.publish
 from mergejob.publish import RetryPolicy, ShardUploader, check_access
 from mergejob.spec import PublishSpec
-from tests.hubserver.fixtures import SeededHubServer
+from tests.support.hub import merge_args, seed_hub, uploaded_twice
+from tests.support.hubserver.fixtures import SeededHubServer
 
-BASE_CARD = "---\nlicense: apache-2.0\ntags:\n- llama\n- tiny-test\n---\n# A tiny base\n"
 CLI = Callable[..., tuple[int, str, str]]
-
-
-def seed_hub(hub: SeededHubServer, models: Any, **shape: Any) -> dict[str, Path]:
-    """Upload a tiny base (with a card) and two adapters to the server as org/base, org/a, org/b."""
-    base = models.base(max_shard_size="60KB", **shape)
-    folders = {
-        "base": base,
-        "a": models.adapter(base, target_modules=["q_proj", "v_proj"]),
-        "b": models.adapter(base, target_modules=["o_proj", "up_proj"], seed=3, use_rslora=True),
-    }
-    api = HfApi(endpoint=hub.url, token=hub.alice_token)
-    for name, folder in folders.items():
-        api.create_repo(f"org/{name}", exist_ok=True)
-        api.upload_folder(repo_id=f"org/{name}", folder_path=folder)
-    api.upload_file(
-        path_or_fileobj=BASE_CARD.encode(), path_in_repo="README.md", repo_id="org/base"
-    )
-    hub.clear_requests()
-    return folders
-
-
-def merge_args(*extra: object, out: str = "org/merged") -> list[object]:
-    return [
-        "merge",
-        "--base_model_name_or_path", "org/base",
-        "--peft_model_paths", "org/a", "org/b",
-        "--output_dir", out,
-        "--max-shard-size", "40KB",
-        *extra,
-    ]  # fmt: skip
 
 
 def sha256(path: Path) -> str:
@@ -86,11 +56,6 @@ def hub(hub_env: SeededHubServer, models: Any, monkeypatch: pytest.MonkeyPatch) 
 def commits(hub: SeededHubServer, revision: str = "main") -> list[str]:
     api = HfApi(endpoint=hub.url, token=hub.alice_token)
     return [c.commit_id for c in api.list_repo_commits("org/merged", revision=revision)]
-
-
-def uploaded_twice(hub: SeededHubServer) -> list[str]:
-    oids = hub.uploaded_oids()
-    return sorted({oid for oid in oids if oids.count(oid) > 1})
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +279,7 @@ def test_a_rerun_after_a_failed_publish_merges_nothing_again(
     tmp_path: Path,
     local: bool,
 ) -> None:
-    from mergejob.engines import stream
+    from mergejob.engines import worker as stream
 
     written: list[str] = []
     write_shard = stream.write_shard
@@ -352,7 +317,7 @@ def test_a_rerun_after_a_failed_publish_merges_nothing_again(
 def test_shards_go_up_while_the_merge_runs(
     hub: SeededHubServer, run_cli: CLI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mergejob.engines import stream
+    from mergejob.engines import worker as stream
 
     written: list[float] = []
     write_shard = stream.write_shard

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, snapshot_download
 
-from tests.hubserver.fixtures import SeededHubServer
-from tests.test_publish import merge_args, seed_hub, uploaded_twice
+from tests.support.hub import merge_args, seed_hub, uploaded_twice
+from tests.support.hubserver.fixtures import SeededHubServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ SLOW = pytest.mark.slow
 def small_receive_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the server's TCP receive buffer small (no autotuning to tens of MB on loopback),
     so that a killed client has most of a large shard still unsent."""
-    from tests.hubserver import server
+    from tests.support.hubserver import server
 
     setup = server._HubRequestHandler.setup
 

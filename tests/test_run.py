@@ -13,7 +13,7 @@ import yaml
 
 import mergejob
 from mergejob.cli import build_parser
-from mergejob.cli_job import spec_for_run
+from mergejob.cli.job import spec_for_run
 from mergejob.errors import TokenError
 from mergejob.recipe import RECIPE_FILE
 from mergejob.settings import hub_token
@@ -287,8 +287,7 @@ def test_the_token_never_appears_in_logs_or_the_recipe(
 
 
 def test_token_is_redacted_from_log_lines(tmp_path: Path, monkeypatch, capsys) -> None:
-    from mergejob.cli_job import hide_secrets
-    from mergejob.logs import setup_logging
+    from mergejob.logs import hide_secrets, setup_logging
 
     token = "hf_REDACTMEredactme42"
     monkeypatch.setenv("HF_TOKEN", token)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import mergejob
 from mergejob.engines import stream_compute
-from mergejob.engines.stream import finalize, merge_plan, run_worker
+from mergejob.engines.stream import finalize, merge_plan
+from mergejob.engines.worker import run_worker
 from mergejob.errors import (
     IncompatibleAdapterError,
     MergeFailedError,
@@ -226,7 +227,7 @@ def test_records_of_another_plan_are_not_trusted(
 _KILL_SCRIPT = """
 import os, signal, sys
 import mergejob
-from mergejob.io import tensors as safetensors_io
+from mergejob.io import writer as safetensors_io
 
 kill_after = int(sys.argv[3])
 finished = []
@@ -292,7 +293,7 @@ def test_a_crash_keeps_finished_shards_for_the_rerun(
     """A failure that is not bad input (here an I/O error) keeps the partial folder."""
     base, adapters = job
     out = tmp_path / "out"
-    from mergejob.engines import stream
+    from mergejob.engines import worker as stream
 
     calls = {"n": 0}
     original = stream.write_shard
@@ -426,7 +427,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 def test_cuda_matches_cpu_within_one_step(job: tuple[Path, list[Path]], tmp_path: Path) -> None:
     """cuBLAS sums B @ A in another order than the CPU's BLAS (TF32 off), which can move a
     rounding by one step; tensors without LoRA are byte-identical."""
-    from tests.test_stream_fidelity import load_folder, steps_apart
+    from tests.support.tensors import load_folder, steps_apart
 
     torch.backends.cuda.matmul.allow_tf32 = False
     base, adapters = job

@@ -41,10 +41,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import mergejob
 from mergejob.plan.work import build_plan
+from tests.support.oracle import peft_merge
+from tests.support.tensors import bitwise_equal, load_folder, steps_apart, ulp
 
 BASES: dict[str, dict[str, Any]] = {
     "llama_bf16": {"family": "llama", "dtype": torch.bfloat16},
@@ -144,76 +145,6 @@ def _make(models: Any, base_name: str, adapter_names: list[str]) -> tuple[Path, 
             kwargs["rank_pattern"] = {"model.layers.1.self_attn.q_proj": 2, "down_proj": 6}
         adapters.append(models.adapter(base, **kwargs))
     return base, adapters
-
-
-def peft_merge(
-    base: Path, adapters: list[Path], load_dtype: torch.dtype
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """PEFT's merge of ``adapters`` in order, the base loaded in ``load_dtype``.
-
-    As the peft engine does: untie first when an adapter changes the embeddings, and resize
-    the vocabulary before an adapter that saves larger embeddings.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from mergejob.engines.peft import (
-        _module_name,
-        adapter_vocab_rows,
-        touches_embeddings,
-        untie_embeddings,
-    )
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=load_dtype)
-    if any(touches_embeddings(model, a) for a in adapters):
-        untie_embeddings(model)
-    embed = _module_name(model, model.get_input_embeddings())
-    for adapter in adapters:
-        rows = adapter_vocab_rows(adapter, (f"{embed}.weight", f"{embed}.modules_to_save.weight"))
-        if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(rows, mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return state, model.config
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                assert key not in tensors, f"{key} is in two shards"
-                tensors[key] = handle.get_tensor(key)
-    return tensors
-
-
-def steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable bf16/fp16 values lie between a and b (0 = equal)."""
-    assert a.dtype == b.dtype and a.element_size() == 2
-
-    def ordered(x: torch.Tensor) -> torch.Tensor:
-        bits = x.contiguous().view(torch.int16).to(torch.int32)
-        magnitude = bits & 0x7FFF
-        return torch.where(bits < 0, -magnitude, magnitude)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One step of ``dtype`` (bf16 or fp16) at ``magnitude`` (fp32 tensor)."""
-    info = torch.finfo(dtype)
-    mantissa_bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
-    _, exponent = torch.frexp(magnitude.clamp(min=info.tiny))
-    exponent = (exponent - 1).clamp(min=int(torch.log2(torch.tensor(info.tiny))))
-    return torch.pow(2.0, (exponent - mantissa_bits).float())
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-    )
 
 
 def _stream_merge(base: Path, adapters: list[Path], out: Path, **output: Any) -> Any:
@@ -329,9 +260,9 @@ def test_adapter_weight_scales_the_delta(models: Any, tmp_path: Path) -> None:
         w32 = base_tensors[tensor.name].float()
         for op in tensor.ops:
             factors = load_folder(Path(op.a.path).parent)  # type: ignore[union-attr]
-            a, b = factors[op.a.key].float(), factors[op.b.key].float()  # type: ignore[union-attr]
+            a, b = factors[op.a.name].float(), factors[op.b.name].float()  # type: ignore[union-attr]
             adapter_weight = 0.5 if op.adapter == 0 else 1.0
-            lora = next(lo for lo in plan.adapters[op.adapter].loras if lo.a.key == op.a.key)  # type: ignore[union-attr]
+            lora = next(lo for lo in plan.adapters[op.adapter].loras if lo.a.name == op.a.name)  # type: ignore[union-attr]
             assert op.coef == adapter_weight * lora.scale
             w32 += (b @ a) * op.coef
         assert bitwise_equal(merged[tensor.name], w32.to(torch.bfloat16)), tensor.name

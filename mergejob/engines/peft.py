@@ -16,9 +16,10 @@ from typing import Any, cast
 
 import torch
 
+from mergejob import model_config, settings
 from mergejob.adapter_config import read_adapter_config
 from mergejob.errors import SpecError
-from mergejob.io.checkpoint import read_header
+from mergejob.io.headers import read_tensors
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.sources import ResolvedSource
 from mergejob.spec import EngineSpec, parse_max_memory
@@ -48,20 +49,6 @@ def device_map_for(engine: EngineSpec) -> dict[str, Any]:
     else:
         kwargs["device_map"] = {"": engine.device}
     return kwargs
-
-
-def adapter_vocab_rows(adapter_dir: Path, embedding_suffixes: tuple[str, ...]) -> int | None:
-    """Rows of the embeddings an adapter saves in full (resized vocabulary), if any."""
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.is_file():
-        return None
-    header, _ = read_header(path)
-    rows = [
-        int(info["shape"][0])
-        for name, info in header.items()
-        if name.endswith(embedding_suffixes) and "lora_" not in name
-    ]
-    return max(rows) if rows else None
 
 
 def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
@@ -140,12 +127,11 @@ def _load_and_merge(
         trust_remote_code=job.spec.base.trust_remote_code,
         **load_kwargs,
     )
-    embed_name = _module_name(model, model.get_input_embeddings())
-    suffixes = (f"{embed_name}.weight", f"{embed_name}.modules_to_save.weight")
     if any(touches_embeddings(model, a.local_dir) for a in adapters):
         untie_embeddings(model)
+    hidden = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[1])
     for resolved in adapters:
-        rows = adapter_vocab_rows(resolved.local_dir, suffixes)
+        rows = model_config.saved_vocab_rows(resolved.local_dir, hidden)
         vocab = int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
         if rows is not None and rows != vocab:
             log.info("resizing the vocabulary %d -> %d for %s", vocab, rows, resolved.display)
@@ -199,16 +185,15 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 def touches_embeddings(model: Any, adapter_dir: Path) -> bool:
     """Whether an adapter changes the input or output embeddings (LoRA or full copy)."""
-    path = Path(adapter_dir) / "adapter_model.safetensors"
+    path = Path(adapter_dir) / settings.ADAPTER_WEIGHTS_FILE
     if not path.is_file():
         return False
-    header, _ = read_header(path)
     names = {_module_name(model, model.get_input_embeddings())}
     out = model.get_output_embeddings()
     if out is not None:
         names.add(_module_name(model, out))
-    for key in header:
-        module = key.removeprefix("base_model.model.")
+    for key in read_tensors(path):
+        module = key.removeprefix(settings.PEFT_PREFIX)
         if any(module == n or module.startswith(f"{n}.") for n in names):
             return True
     return False

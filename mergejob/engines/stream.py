@@ -3,15 +3,17 @@
 The path of one job::
 
     plan = plan_for_job(job)                          # headers and configs only
-    run_worker(plan, partial, index=i, count=n)       # each worker: its output shards
-    finalize(plan, partial)                           # index, config, tokenizer
+    write_shards(plan, partial, shards, devices=...)  # the pool's workers: their shards
+    finalize(plan, partial)                           # every record checked; the index
 
-``merge_with_stream`` (the pipeline's engine) runs the workers as local processes (or one per
-GPU) and then ``finalize``; an Indexed Job runs ``run_worker`` in pod ``i`` of ``n`` and
-``finalize`` once at the end. Output shards are assigned to workers by
-:func:`mergejob.io.shards.assign_shards`; the layout of the output does not depend on how many
-workers there are, and neither do its bytes: every tensor is computed by the same
-expressions whichever worker computes it.
+``merge_with_stream`` (the pipeline's engine) runs every shard with the job's workers (local
+processes, or one per GPU: :mod:`mergejob.engines.pool`) and then ``finalize``; an index of
+an Indexed Job (:mod:`mergejob.indexed`) runs ``write_shards`` over its share, and its
+finaliser ``finalize`` once at the end. One worker is :mod:`mergejob.engines.worker`. Output
+shards are assigned by :func:`mergejob.io.shards.assign_shards`; the layout of the output
+does not depend on how many workers there are, and neither do its bytes: every tensor is
+computed by the same expressions whichever worker computes it. The rest of the folder
+(config.json, tokenizer, card, recipe) is written by :mod:`mergejob.output` and the pipeline.
 
 Each finished shard leaves a record (name, size, sha256, plan id) in the partial folder; a
 rerun after a crash skips shards whose record and checksum hold and redoes the rest.
@@ -25,150 +27,25 @@ is the last bit of some fp32 sums, which can move a rounding of the output by on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import multiprocessing
-import os
-import queue
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mergejob import output, settings
-from mergejob.engines.stream_compute import TensorComputer
-from mergejob.errors import MergeFailedError, MergeJobError, SpecError
-from mergejob.io.shards import (
-    INDEX_FILE,
-    RECORDS_DIR,
-    ShardRecord,
-    assign_shards,
-    read_record,
-    record_holds,
-    write_record,
-)
-from mergejob.io.tensors import ShardWriter, shard_header, write_index
+from mergejob import logs, output, settings
+from mergejob.engines.pool import run_shares, split_shares
+from mergejob.engines.worker import WorkerReport, worker_devices
+from mergejob.errors import MergeFailedError
+from mergejob.io.shards import RECORDS_DIR, ShardRecord, read_record, record_holds
+from mergejob.io.writer import write_index
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.plan.work import Plan, plan_for_job
 
 log = logging.getLogger(__name__)
 
 ShardCallback = Callable[[Path], None]
-ProgressCallback = Callable[[int], None]
-
-
-@dataclass
-class WorkerReport:
-    """What one worker did: shards merged, shards found finished, and their records."""
-
-    index: int
-    merged: list[str] = field(default_factory=list)
-    resumed: list[str] = field(default_factory=list)
-    records: list[ShardRecord] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------
-# One worker
-
-
-def run_worker(
-    plan: Plan,
-    partial_dir: Path,
-    *,
-    index: int = 0,
-    count: int = 1,
-    device: str = "cpu",
-    on_shard_done: ShardCallback | None = None,
-    progress: ProgressCallback | None = None,
-    threads: int | None = None,
-    shards: Sequence[int] | None = None,
-) -> WorkerReport:
-    """Write the output shards of worker ``index`` of ``count`` into ``partial_dir``.
-
-    Shards with a record of this plan whose checksum holds are skipped (and reported as
-    resumed); each shard written gets its record. ``on_shard_done`` gets the path of every
-    finished shard; ``progress`` the number of output bytes done since its last call.
-    ``threads`` is how many blocks are computed at once on CPU (default: this machine's
-    cores); each runs torch single-threaded (coarse blocks in threads beat torch's own
-    threads, whose per-op synchronisation costs more than it brings on small machines). ``shards`` overrides
-    the assignment with an explicit list of shard indices (a pod's share split among its
-    GPUs: see :mod:`mergejob.indexed`).
-
-    Example (pod ``i`` of an Indexed Job of ``n`` pods, on shared storage)::
-
-        plan = build_plan(base, adapters, output_dtype=None, max_shard_size=5 * 10**9)
-        run_worker(plan, partial_dir_for(out), index=i, count=n)
-    """
-    partial_dir = Path(partial_dir)
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    report = WorkerReport(index=index)
-    mine = list(shards) if shards is not None else assign_shards(plan.shard_sizes(), count)[index]
-    lanes = threads if threads is not None else cpu_threads(1)
-    computer = TensorComputer(device, lanes=lanes)
-    with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
-        _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress)
-    return report
-
-
-def _run_shards(
-    plan: Plan,
-    partial_dir: Path,
-    mine: list[int],
-    computer: TensorComputer,
-    report: WorkerReport,
-    on_shard_done: ShardCallback | None,
-    progress: ProgressCallback | None,
-) -> None:
-    try:
-        for i in mine:
-            shard = plan.shards[i]
-            record = read_record(partial_dir, shard.name)
-            if record is not None and record_holds(partial_dir, record, plan.plan_id):
-                report.resumed.append(shard.name)
-                report.records.append(record)
-                if progress:
-                    progress(shard.nbytes)
-            else:
-                record = write_shard(plan, i, partial_dir, computer, progress=progress)
-                write_record(partial_dir, record)
-                report.merged.append(shard.name)
-                report.records.append(record)
-            if on_shard_done:
-                on_shard_done(partial_dir / shard.name)
-    finally:
-        computer.close()
-
-
-def write_shard(
-    plan: Plan,
-    shard_index: int,
-    partial_dir: Path,
-    computer: TensorComputer,
-    *,
-    progress: ProgressCallback | None = None,
-) -> ShardRecord:
-    """Compute and write one output shard; returns its record (not yet stored)."""
-    shard = plan.shards[shard_index]
-    header, sizes = shard_header([(t.name, t.dtype, t.shape) for t in shard.tensors])
-    writer = ShardWriter(
-        Path(partial_dir) / shard.name, header, sum(sizes), release=computer.ring.release
-    )
-    try:
-        for tensor in shard.tensors:
-            for chunk in computer.chunks(tensor):
-                writer.submit(chunk.data, chunk.slot)
-                if progress:
-                    progress(len(chunk.data))
-        size, sha256 = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return ShardRecord(name=shard.name, size=size, sha256=sha256, plan_id=plan.plan_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,9 +55,9 @@ def write_shard(
 def finalize(
     plan: Plan, partial_dir: Path, *, verify_checksums: bool = True, keep_records: bool = False
 ) -> list[ShardRecord]:
-    """Check every shard's record, then write the index, config.json, tokenizer and
-    generation_config; the records are removed once everything is written (unless
-    ``keep_records``: a finaliser that may be rerun removes them itself, last).
+    """Check every shard's record, then write the weights' index (the rest of the folder,
+    config.json and tokenizer included, is :mod:`mergejob.output`'s); the records are removed
+    then (unless ``keep_records``: the pipeline removes them itself, last).
 
     Raises :class:`MergeFailedError` naming the shards that are missing or do not match
     their record (rerun their workers). ``verify_checksums`` re-reads every shard (use it
@@ -211,32 +88,12 @@ def finalize(
         params = sum(math.prod(t.shape) for t in plan.tensors)
         write_index(partial_dir, weight_map, plan.output_bytes, params)
     else:
-        (partial_dir / INDEX_FILE).unlink(missing_ok=True)
-    write_config(plan, partial_dir)
+        (partial_dir / settings.SAFETENSORS_INDEX_FILE).unlink(missing_ok=True)
     for stray in partial_dir.glob(".*.tmp-*"):  # half-written shards of crashed workers
         stray.unlink(missing_ok=True)
-    tokenizer = Path(plan.tokenizer_from) if plan.tokenizer_from else None
-    output.copy_tokenizer(tokenizer, partial_dir)
-    output.copy_generation_config(Path(plan.base_dir), partial_dir)
     if not keep_records:
         output.drop_records(partial_dir)
     return records
-
-
-def write_config(plan: Plan, out_dir: Path) -> None:
-    """The base's config.json with the keys the merge decides (tie, vocab_size, dtype)."""
-    config = output.read_json(Path(plan.base_dir) / "config.json")
-    text = config.get("text_config")
-    for key, value in plan.config_updates.items():
-        if key == "dtype":
-            config.pop("torch_dtype", None)
-            config["dtype"] = value
-            continue
-        if isinstance(text, dict) and (key in text or key not in config):
-            text[key] = value
-        if key in config or not isinstance(text, dict):
-            config[key] = value
-    output.write_json(Path(out_dir) / "config.json", config)
 
 
 def clean_partial(plan: Plan, partial_dir: Path) -> None:
@@ -252,24 +109,6 @@ def clean_partial(plan: Plan, partial_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Several workers on one machine
-
-
-def worker_devices(device: str, workers: int) -> list[str]:
-    """One entry per worker: ``cpu`` N times, every visible GPU for ``cuda``, or one GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return ["cpu"] * max(1, workers)
-    if not torch.cuda.is_available():
-        raise SpecError(f"engine.device: {device!r} but no CUDA GPU is visible; use --device cpu")
-    if device == "cuda":
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    gpu = int(device.split(":", 1)[1])
-    if gpu >= torch.cuda.device_count():
-        raise SpecError(
-            f"engine.device: {device!r} but only {torch.cuda.device_count()} GPU(s) are visible"
-        )
-    return [device]
 
 
 def merge_plan(
@@ -303,44 +142,77 @@ def merge_plan(
         len(devices),
         ", ".join(sorted(set(devices))),
     )
-    with _Progress(plan) as progress:
+    reports = write_shards(
+        plan, partial_dir, range(len(plan.shards)), devices=devices, on_shard_done=on_shard_done
+    )
+    records = finalize(plan, partial_dir, verify_checksums=False, keep_records=keep_records)
+    merged = sum(len(r.merged) for r in reports)
+    resumed = sum(len(r.resumed) for r in reports)
+    if resumed:
+        log.info("resumed: %d shard(s) were finished already, %d merged now", resumed, merged)
+    return stream_report(
+        plan,
+        records,
+        workers=len(devices),
+        device=devices[0] if len(set(devices)) == 1 else "cuda",
+        merged=merged,
+        resumed=resumed,
+        seconds=time.monotonic() - started,
+    )
+
+
+def write_shards(
+    plan: Plan,
+    partial_dir: Path,
+    shards: Sequence[int],
+    *,
+    devices: Sequence[str],
+    on_shard_done: ShardCallback | None = None,
+    log_shards: bool = True,
+) -> list[WorkerReport]:
+    """Write ``shards`` (positions in the plan) into ``partial_dir`` with one worker per
+    entry of ``devices`` (:mod:`mergejob.engines.pool`), shards split between them by bytes;
+    a bar over their bytes on a terminal, else a log line per shard (``log_shards``)."""
+    shards = list(shards)
+    with _Progress(plan, shards, log_shards=log_shards) as progress:
 
         def done(path: Path) -> None:
             progress.shard_done(path)
             if on_shard_done:
                 on_shard_done(path)
 
-        if len(devices) == 1:
-            reports = [
-                run_worker(
-                    plan,
-                    partial_dir,
-                    device=devices[0],
-                    on_shard_done=done,
-                    progress=progress.update,
-                )
-            ]
-        else:
-            reports = _run_processes(plan, partial_dir, devices, done, progress.update)
-    records = finalize(plan, partial_dir, verify_checksums=False, keep_records=keep_records)
-    merged = sum(len(r.merged) for r in reports)
-    resumed = sum(len(r.resumed) for r in reports)
-    seconds = time.monotonic() - started
-    if resumed:
-        log.info("resumed: %d shard(s) were finished already, %d merged now", resumed, merged)
+        return run_shares(
+            plan,
+            Path(partial_dir),
+            split_shares(shards, plan.shard_sizes(), list(devices)),
+            on_shard_done=done,
+            progress=progress.update,
+        )
+
+
+def stream_report(
+    plan: Plan,
+    records: Sequence[ShardRecord],
+    *,
+    workers: int,
+    device: str,
+    merged: int | None = None,
+    resumed: int | None = None,
+    seconds: float | None = None,
+) -> EngineReport:
+    """What the stream engine did, for logs and the recipe (the engine section)."""
+    extra: dict[str, Any] = {"workers": workers, "device": device, "shards": len(plan.shards)}
+    if merged is not None and resumed is not None:
+        extra.update(shards_merged=merged, shards_resumed=resumed)
+    extra["plan_id"] = plan.plan_id
+    if seconds is not None:
+        extra["seconds"] = round(seconds, 3)
+    extra["shard_records"] = {r.name: {"size": r.size, "sha256": r.sha256} for r in records}
     return EngineReport(
         engine="stream",
         tensors_changed=plan.changed_tensors,
-        extra={
-            "workers": len(devices),
-            "device": devices[0] if len(set(devices)) == 1 else "cuda",
-            "shards": len(plan.shards),
-            "shards_merged": merged,
-            "shards_resumed": resumed,
-            "plan_id": plan.plan_id,
-            "seconds": round(seconds, 3),
-            "shard_records": {r.name: {"size": r.size, "sha256": r.sha256} for r in records},
-        },
+        config_updates=dict(plan.config_updates),
+        extra=extra,
     )
 
 
@@ -360,145 +232,6 @@ def merge_with_stream(
     )
 
 
-def cpu_threads(workers: int) -> int:
-    """Compute lanes per worker: this machine's cores shared among ``workers``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, workers))
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run with ``count`` torch threads, restoring the caller's setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _run_processes(
-    plan: Plan,
-    partial_dir: Path,
-    devices: list[str],
-    on_shard_done: ShardCallback,
-    progress: ProgressCallback,
-) -> list[WorkerReport]:
-    context = multiprocessing.get_context("spawn")
-    messages: Any = context.Queue()
-    processes = [
-        context.Process(
-            target=_worker_main,
-            args=(plan, str(partial_dir), i, len(devices), devices[i], messages, os.getpid()),
-            name=f"mergejob-worker-{i}",
-            daemon=True,
-        )
-        for i in range(len(devices))
-    ]
-    for process in processes:
-        process.start()
-    reports: dict[int, WorkerReport] = {}
-    try:
-        while len(reports) < len(processes):
-            try:
-                message = messages.get(timeout=1.0)
-            except queue.Empty:
-                for i, process in enumerate(processes):
-                    if i not in reports and not process.is_alive() and messages.empty():
-                        raise MergeFailedError(
-                            f"stream worker {i} died (exit code {process.exitcode}) without "
-                            "a report (killed for memory?); rerun to resume"
-                        ) from None
-                continue
-            kind = message[0]
-            if kind == "progress":
-                progress(message[1])
-            elif kind == "shard":
-                on_shard_done(Path(message[1]))
-            elif kind == "done":
-                reports[message[1].index] = message[1]
-            elif kind == "error":
-                raise message[2]
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            process.join(timeout=30)
-    return [reports[i] for i in sorted(reports)]
-
-
-def _worker_main(
-    plan: Plan,
-    partial_dir: str,
-    index: int,
-    count: int,
-    device: str,
-    messages: Any,
-    parent: int,
-) -> None:
-    """A worker process: dies with its parent, reports progress and results on ``messages``."""
-    _die_with_parent(parent)
-    progress = _Batched(lambda n: messages.put(("progress", n)))
-
-    def shard_done(path: Path) -> None:
-        progress.flush()
-        messages.put(("shard", str(path)))
-
-    try:
-        report = run_worker(
-            plan,
-            Path(partial_dir),
-            index=index,
-            count=count,
-            device=device,
-            on_shard_done=shard_done,
-            progress=progress,
-            threads=cpu_threads(count) if device == "cpu" else None,
-        )
-        messages.put(("done", report))
-    except BaseException as exc:
-        error: BaseException = exc
-        if not isinstance(exc, MergeJobError):
-            error = MergeFailedError(f"stream worker {index}: {type(exc).__name__}: {exc}")
-        messages.put(("error", index, error))
-        sys.exit(1)
-
-
-class _Batched:
-    """Progress sent on at most every quarter second (each message costs the parent a wake)."""
-
-    def __init__(self, send: ProgressCallback) -> None:
-        self.send = send
-        self.pending = 0
-        self.last = time.monotonic()
-
-    def __call__(self, nbytes: int) -> None:
-        self.pending += nbytes
-        now = time.monotonic()
-        if now - self.last >= 0.25:
-            self.send(self.pending)
-            self.pending, self.last = 0, now
-
-    def flush(self) -> None:
-        if self.pending:
-            self.send(self.pending)
-            self.pending = 0
-
-
-def _die_with_parent(parent: int) -> None:
-    """On Linux, ask the kernel to kill this worker when the parent dies (even kill -9)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-            import signal
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 # ---------------------------------------------------------------------------------------
 # Progress
 
@@ -510,9 +243,10 @@ def _gb(nbytes: int) -> str:
 class _Progress:
     """One tqdm bar over output bytes on a terminal; a log line per shard otherwise."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.total = plan.output_bytes
-        self.shards = len(plan.shards)
+    def __init__(self, plan: Plan, shards: Sequence[int], *, log_shards: bool = True) -> None:
+        self.total = sum(plan.shards[i].nbytes for i in shards)
+        self.shards = len(shards)
+        self.log_shards = log_shards
         self.finished = 0
         self.started = time.monotonic()
         self.bar: Any = None
@@ -537,7 +271,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.finished}/{self.shards} shards", refresh=False)
             return
+        if not self.log_shards:
+            return
         seconds = time.monotonic() - self.started
-        log.info(
-            "shard %d/%d done: %s (%.1fs elapsed)", self.finished, self.shards, path.name, seconds
-        )
+        log.info(logs.shard_done_line(self.finished, self.shards, path.name, seconds))

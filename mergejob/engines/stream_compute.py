@@ -41,15 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from mergejob.errors import MergeFailedError
-from mergejob.io.tensors import FileReader, TensorRef, byte_view
+from mergejob.io.headers import TensorRef
+from mergejob.io.reader import FileReader, byte_view
+from mergejob.plan.cost import CHUNK_BYTES, COPY_BYTES
 from mergejob.plan.work import OutputTensor, TensorOp
 
-CHUNK_BYTES = 2**20  # fp32 bytes of rows worked on at once (cache-sized)
 # BLAS picks other kernels, which sum in another order, for very thin products: a block of
 # a LoRA product spans at least this many rows (or columns, when transposed), so that every
 # block is summed as in the whole product (checked on thousands of shapes; see the tests).
 MIN_BLOCK = 64
-COPY_BYTES = 16 * 2**20  # bytes read per step when copying unchanged tensors
 RING_SLOTS = 4  # buffers between computing and writing, besides one per lane
 
 

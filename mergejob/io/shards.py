@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mergejob import settings
+
 RECORDS_DIR = ".mergejob-records"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def pack_shards(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
@@ -51,7 +51,7 @@ def pack_shards(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
 def shard_file_names(count: int) -> list[str]:
     """The standard names: ``model.safetensors`` alone, else ``model-0000i-of-0000N``."""
     if count == 1:
-        return [SINGLE_FILE]
+        return [settings.SINGLE_SAFETENSORS_FILE]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,11 @@ import yaml
 from kubernetes import client as k8s
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mergejob import __version__
-from mergejob.errors import EXIT_BAD_INPUT
+from mergejob import settings
+from mergejob.errors import EXIT_BAD_INPUT, SpecError
 from mergejob.spec import MergeSpec
+
+log = logging.getLogger("mergejob")
 
 APP_NAME = "mergejob"
 CONTAINER_NAME = "merge"
@@ -76,7 +79,7 @@ def default_image() -> str:
         line = IMAGE_FILE.read_text().splitlines()[0].strip()
     except (OSError, IndexError):
         line = ""
-    return line or f"{FALLBACK_IMAGE_REPOSITORY}:{__version__}"
+    return line or f"{FALLBACK_IMAGE_REPOSITORY}:{settings.VERSION}"
 
 
 class Toleration(BaseModel):
@@ -595,6 +598,44 @@ def build_objects(spec: MergeSpec, options: LaunchOptions | None = None) -> JobO
         config_map=config_map,
         job=build_job(spec, options, name=name, template=template, shape=shape),
     )
+
+
+def check_launch(spec: MergeSpec, options: LaunchOptions, *, local: bool = False) -> None:
+    """Whether ``spec`` can run as ``options`` say (``local``: as processes here, no cluster):
+    a split job's needs (:func:`check_split_job`), and a warning for GPUs the spec leaves idle."""
+    if options.workers > 1:
+        check_split_job(spec, options, local=local)
+    if options.gpus and spec.engine.device == "cpu":
+        log.warning(
+            "--gpus %d but the spec's engine.device is cpu: the GPUs stay idle "
+            "(set --device auto or cuda)",
+            options.gpus,
+        )
+
+
+def check_split_job(spec: MergeSpec, options: LaunchOptions, *, local: bool) -> None:
+    """A merge split over pods needs the stream engine and storage every pod shares."""
+    if spec.engine.name != "stream":
+        raise SpecError(
+            f"--workers {options.workers}: needs the stream engine (--engine stream); the peft "
+            "engine spreads one pod's GPUs instead (--gpus N --device auto)"
+        )
+    if local:
+        return
+    if not options.cache_pvc:
+        raise SpecError(
+            f"--workers {options.workers}: the pods write one output together: name a "
+            f"ReadWriteMany PersistentVolumeClaim with --cache-pvc CLAIM (mounted at {CACHE_MOUNT})"
+        )
+    out = spec.output.dir
+    if out and out.startswith("/") and not (out == CACHE_MOUNT or out.startswith(f"{CACHE_MOUNT}/")):
+        log.warning(
+            "--workers %d: output.dir %s is not under %s (the shared PVC): every pod must "
+            "see the same folder there",
+            options.workers,
+            out,
+            CACHE_MOUNT,
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """``mergejob plan``: a job checked and costed from safetensors headers and adapter configs.
 
-No weight is read. The base is seen through a *header view*: a temporary folder whose
-safetensors files hold the real headers followed by a sparse hole as long as the data the
-header declares (no disk used). For a local base that view tolerates a truncated download (it
-is reported, and every other check still runs); for a Hub base the headers come from HTTP
-range requests (``get_safetensors_metadata``), so planning a 70B job downloads kilobytes.
-The stream engine's :func:`mergejob.plan.work.build_plan` then runs on that view, which is also
-the check ``mergejob merge``/``run`` make before reading a weight.
+No weight is read. The base is seen through a *header view* (:mod:`mergejob.io.header_view`):
+a temporary folder whose safetensors files hold the real headers followed by a sparse hole as
+long as the data the header declares (no disk used). For a local base that view tolerates a
+truncated download (it is reported, and every other check still runs); for a Hub base the
+headers come from HTTP range requests (``get_safetensors_metadata``), so planning a 70B job
+downloads kilobytes. The stream engine's :func:`mergejob.plan.work.build_plan` then runs on
+that view, which is also the check ``mergejob merge``/``run`` make before reading a weight.
 
 The report gives, per adapter, its method, targets, ranks, alpha, scale and variant; the
 tensors that change; every problem (exit 2) and every notice (untied embeddings, resized
@@ -26,171 +26,41 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, MergeJobError
-from mergejob.io.checkpoint import CheckpointIndex, read_header
+from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.header_view import header_view
+from mergejob.io.headers import file_size, hub_headers
+from mergejob.plan.checks import Problems, check_lora_shapes, check_output_config, output_dtype
+from mergejob.plan.cost import (
+    THROUGHPUT,
+    JobSizes,
+    MemoryEstimate,
+    Throughput,
+    peft_memory,
+    peft_seconds,
+    stream_memory,
+    stream_seconds,
+)
 from mergejob.spec import MergeSpec
+
+if TYPE_CHECKING:
+    from mergejob.plan.work import Plan
+    from mergejob.sources import ResolvedSource
 
 log = logging.getLogger(__name__)
 
-GB = 10**9
 # PEFT methods that change the model's inputs, not its weights: nothing to merge.
 NOT_MERGEABLE = frozenset(
     {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT", "MULTITASK_PROMPT_TUNING"}
 )
-
-
-# ---------------------------------------------------------------------------------------
-# Throughput and memory constants
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Rates the time estimate uses, bytes or flops per second (one worker).
-
-    Measured with ``bench/bench_plan_estimate.py`` on a 2-core CPU VM with a network disk
-    (see bench/RESULTS.md); a faster machine finishes sooner, so there the estimates are an
-    upper bound. ``download_bps`` and ``gpu_flops`` are assumptions (a well-connected pod
-    pulling from the Hub; an fp32 GEMM on a datacenter GPU).
-    """
-
-    startup_s: float = 8.0  # python, torch and transformers imports
-    read_bps: float = 0.46 * GB  # safetensors data read with pread
-    write_bps: float = 0.12 * GB  # shard files written, hashed and fsynced
-    convert_bps: float = 0.25 * GB  # fp32 work per output byte of a changed tensor
-    hash_bps: float = 0.54 * GB  # sha256 per thread (the recipe's input checksums)
-    cpu_flops: float = 10e9  # fp32 B @ A per worker (2 cores, AVX2; the rest is convert_bps)
-    gpu_flops: float = 20e12  # fp32 matmul on one GPU (TF32 off)
-    download_bps: float = 0.2 * GB  # assumed Hub bandwidth
-    peft_load_bps: float = 0.1 * GB  # from_pretrained into memory
-    peft_save_bps: float = 0.07 * GB  # save_pretrained
-
-
-THROUGHPUT = Throughput()
-
-# Resident memory of a merge process that has imported torch, transformers and mergejob and
-# built its plan, and of a spawned stream worker before its buffers (fitted to peak RSS
-# measured on the 1B benchmark fixture; see bench/RESULTS.md).
-BASE_RSS = 274 * 10**6
-WORKER_RSS = 190 * 10**6
-PEFT_BASE_RSS = 450 * 10**6  # + peft and accelerate
-# The recipe hashes the inputs with 4 threads reading 8 MiB chunks (plus the bytes in flight).
-RECIPE_HASH_BYTES = 64 * 10**6
-# Live fp32 blocks of a worker at its peak while it changes a tensor: w32, the delta, the rows
-# read, the rounded rows, and the allocator's and BLAS's temporaries (measured: about five).
-LIVE_BLOCKS = 5
-
-
-# ---------------------------------------------------------------------------------------
-# The header view
-
-
-@dataclass
-class HeaderView:
-    """A folder that looks like the base to a header reader, without its weights."""
-
-    folder: Path
-    problems: list[str] = field(default_factory=list)
-    shard_bytes: dict[str, int] = field(default_factory=dict)  # full file sizes
-    remote: bool = False
-
-
-def _sparse_copy(header: bytes, data_len: int, dest: Path) -> None:
-    with open(dest, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)))
-        handle.write(header)
-        handle.truncate(8 + len(header) + data_len)
-
-
-def _data_len(header: dict[str, Any]) -> int:
-    ends = [
-        int(info["data_offsets"][1])
-        for key, info in header.items()
-        if key != "__metadata__" and isinstance(info, dict) and info.get("data_offsets")
-    ]
-    return max(ends, default=0)
-
-
-@contextmanager
-def header_view(
-    base_dir: Path, *, remote_headers: dict[str, dict[str, Any]] | None = None
-) -> Iterator[HeaderView]:
-    """A temporary header view of ``base_dir`` (other files are linked, not copied).
-
-    ``remote_headers`` (file name -> header dict) stands in for shards that are not local.
-    A local shard shorter than its header says is reported in ``problems``, not raised.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix="mergejob-plan-"))
-    view = HeaderView(folder=tmp, remote=remote_headers is not None)
-    try:
-        for path in sorted(Path(base_dir).iterdir()):
-            if not path.is_file() or path.suffix == ".safetensors":
-                continue
-            (tmp / path.name).symlink_to(path.resolve())
-        headers: dict[str, dict[str, Any]] = dict(remote_headers or {})
-        for path in sorted(Path(base_dir).glob("*.safetensors")):
-            if path.name in headers:
-                continue
-            try:
-                raw = _raw_header(path)
-            except MergeJobError as exc:
-                view.problems.append(str(exc))
-                continue
-            headers[path.name] = raw
-            held = path.stat().st_size - 8 - _header_len(path)
-            if held < _data_len(raw):
-                view.problems.append(
-                    f"{path}: truncated: holds {held} of the {_data_len(raw)} data bytes its "
-                    "header declares (incomplete download?); delete it and fetch it again"
-                )
-        for name, header in headers.items():
-            data = json.dumps(header, separators=(",", ":")).encode()
-            _sparse_copy(data, _data_len(header), tmp / name)
-            view.shard_bytes[name] = 8 + len(data) + _data_len(header)
-        yield view
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _header_len(path: Path) -> int:
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-    return struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-
-
-def _raw_header(path: Path) -> dict[str, Any]:
-    header, metadata = read_header(path, check_size=False)
-    result: dict[str, Any] = dict(header)
-    if metadata:
-        result["__metadata__"] = metadata
-    return result
-
-
-def hub_headers(repo_id: str, revision: str | None, token: str | None) -> dict[str, dict[str, Any]]:
-    """Every safetensors header of a Hub repo, read with HTTP range requests."""
-    from huggingface_hub import HfApi
-
-    meta = HfApi().get_safetensors_metadata(repo_id, revision=revision, token=token)
-    headers: dict[str, dict[str, Any]] = {}
-    for filename, file_meta in meta.files_metadata.items():
-        header: dict[str, Any] = {
-            name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
-            for name, t in file_meta.tensors.items()
-        }
-        if file_meta.metadata:
-            header["__metadata__"] = dict(file_meta.metadata)
-        headers[Path(filename).name] = header
-    return headers
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,16 +81,6 @@ class AdapterSummary:
     alphas: list[float]
     scales: list[float]
     full_tensors: dict[str, str]  # module -> role (modules_to_save, base_layer, plain)
-
-
-@dataclass
-class MemoryEstimate:
-    """Peak memory of one engine for this job."""
-
-    engine: str
-    host_bytes: int
-    gpu_bytes: int = 0  # per GPU
-    note: str = ""
 
 
 @dataclass
@@ -347,7 +207,12 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
     be found, not only the first); bad input that stops planning itself (a base that does not
     exist, a spec error) is raised.
     """
-    from mergejob.sources import ADAPTER_PATTERNS, CONFIG_PATTERNS, resolve_source
+    from mergejob.sources import (
+        ADAPTER_PATTERNS,
+        BASE_SMALL_PATTERNS,
+        CONFIG_PATTERNS,
+        resolve_source,
+    )
 
     report = PlanReport(
         base=spec.base.display(),
@@ -358,7 +223,7 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
         output_dtype=None,
         strict=strict,
     )
-    base = resolve_source(spec.base, role="base model", patterns=_NON_WEIGHT_PATTERNS, token=token)
+    base = resolve_source(spec.base, role="base model", patterns=BASE_SMALL_PATTERNS, token=token)
     adapters = [
         resolve_source(a, role="adapter", patterns=ADAPTER_PATTERNS, token=token)
         for a in spec.adapters
@@ -396,17 +261,6 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
     return report
 
 
-_NON_WEIGHT_PATTERNS = [
-    "*.safetensors.index.json",
-    "*.json",
-    "*.model",
-    "*.tiktoken",
-    "*.txt",
-    "*.jinja",
-    "*.py",
-]
-
-
 def _missing_from_cache(repo_id: str, commit: str | None, headers: dict[str, Any]) -> int:
     from huggingface_hub import try_to_load_from_cache
 
@@ -414,7 +268,7 @@ def _missing_from_cache(repo_id: str, commit: str | None, headers: dict[str, Any
     for name, header in headers.items():
         cached = try_to_load_from_cache(repo_id, name, revision=commit)
         if not isinstance(cached, str):
-            missing += 8 + len(json.dumps(header)) + _data_len(header)
+            missing += file_size(header)
     return missing
 
 
@@ -453,7 +307,7 @@ def _fill(
     view_dir: Path,
     adapter_dirs: list[Path],
     base_dir: Path,
-) -> Any:
+) -> Plan | None:
     """Adapters, changes, problems and notices from the stream engine's plan (returned,
     or None when the adapters do not fit)."""
     from mergejob.adapters import read_adapter
@@ -500,15 +354,21 @@ def _fill(
     if index is None:
         return None
     report.tensors_total = len(index.tensors)
-    dtype = spec.output.dtype if spec.output.dtype != "auto" else index.stored_dtype()
-    report.output_dtype = dtype
-    if dtype not in ("bfloat16", "float16", "float32"):
-        report.problems.append(
-            f"{base_dir}: weights are stored as {dtype}; pass --dtype bfloat16, float16 or float32"
-        )
+    problems = Problems(collect=True)
+    with problems.check():
+        report.output_dtype = output_dtype(spec, index, base_dir)
+    if spec.engine.name != "stream":
+        for adapter_dir, _ in usable:  # the peft engine's own check, as merge makes it
+            with problems.check():
+                check_lora_shapes(index, adapter_dir)
+    report.problems += problems.found
+    dtype = report.output_dtype
+    if dtype is None:  # not a float type: the report names the one it found
+        report.output_dtype = spec.output.dtype if spec.output.dtype != "auto" else None
+        report.output_dtype = report.output_dtype or index.stored_dtype()
         return None
 
-    def plan_of(adapters: list[tuple[Path, float]]) -> Any:
+    def plan_of(adapters: list[tuple[Path, float]]) -> Plan:
         return build_plan(
             view_dir,
             adapters,
@@ -549,7 +409,7 @@ def _fill(
     return plan
 
 
-def _plan_notices(plan: Any, names: list[str]) -> list[str]:
+def _plan_notices(plan: Plan, names: list[str]) -> list[str]:
     """What a plan handles on its own but a user should know: untying, resizing, ignored
     adapter tensors, the plan's warnings."""
     notices = []
@@ -609,31 +469,27 @@ def _check_config(
     spec: MergeSpec,
     view_dir: Path,
     adapter_dirs: list[Path],
-    config_from: Any,
+    config_from: ResolvedSource | None,
 ) -> None:
     if config_from is None and not spec.config.overrides:
         return
-    from mergejob import model_config
-
     try:
-        base_config = model_config.read_config(view_dir)
-        model_config.plan_output_config(
-            base_config,
-            config_from=model_config.read_config(config_from.local_dir) if config_from else None,
+        check_output_config(
+            spec,
+            view_dir,
+            adapter_dirs,
+            config_from.local_dir if config_from else None,
             config_from_name=config_from.display if config_from else None,
-            overrides=spec.config.overrides,
-            allow_unknown=spec.config.allow_unknown_keys,
-            vocab_size=model_config.merged_vocab_size(base_config, adapter_dirs),
         )
     except InputError as exc:
         report.problems.append(str(exc))
         return
     keys = set(spec.config.overrides) | ({"(config_from)"} if config_from else set())
     for key in sorted(keys):
-        if key == "(config_from)":
-            report.config["config_from"] = config_from.display
-        else:
+        if key != "(config_from)":
             report.config[key] = spec.config.overrides[key]
+        elif config_from is not None:
+            report.config["config_from"] = config_from.display
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,7 +508,7 @@ def _free_bytes(path: Path) -> int | None:
 def _estimate(
     report: PlanReport,
     spec: MergeSpec,
-    plan: Any,
+    plan: Plan | None,
     adapters: list[Path],
     rates: Throughput = THROUGHPUT,
 ) -> None:
@@ -688,9 +544,10 @@ def _estimate(
         stream_memory(plan, spec.engine.workers, spec.engine.device, out_bytes),
         peft_memory(out_bytes, spec, _adapter_bytes(adapters)),
     ]
+    sizes = JobSizes(output_bytes=report.output_bytes, download_bytes=report.download_bytes)
     report.seconds = {
-        "stream": stream_seconds(plan, report, spec, rates),
-        "peft": peft_seconds(plan, report, spec, rates),
+        "stream": stream_seconds(plan, sizes, spec, rates),
+        "peft": peft_seconds(plan, sizes, spec, rates),
     }
 
 
@@ -700,128 +557,3 @@ def _adapter_bytes(adapter_dirs: list[Path]) -> int:
         with suppress(MergeJobError, OSError):
             total += adapter_weights_path(adapter_dir).stat().st_size
     return total
-
-
-def stream_buffers(plan: Any) -> int:
-    """Bytes of the buffers one stream worker holds at its peak for ``plan``.
-
-    The worker reads, works and writes in row blocks of at most ``CHUNK_BYTES`` of fp32
-    (``LIVE_BLOCKS`` of them alive at the peak) and copies unchanged tensors in
-    ``COPY_BYTES`` steps; a DoRA tensor is worked on whole, with several fp32 copies of it
-    alive inside PEFT's formula. Adapter factors of the tensor at hand are kept in fp32.
-    """
-    from mergejob.engines.stream_compute import CHUNK_BYTES, COPY_BYTES
-
-    if plan is None:
-        return 4 * CHUNK_BYTES
-    copy = 0
-    work = 0
-    for tensor in plan.tensors:
-        numel = math.prod(tensor.shape) if tensor.shape else 1
-        if tensor.byte_copy:
-            copy = max(copy, min(COPY_BYTES, tensor.nbytes))
-            continue
-        fp32 = numel * 4
-        if any(op.kind == "dora" for op in tensor.ops):
-            need = 6 * fp32  # whole tensor: w32 plus PEFT's formula's temporaries
-        else:
-            block = min(CHUNK_BYTES, fp32)
-            need = LIVE_BLOCKS * block if tensor.ops else 2 * block
-        factors = sum(
-            4 * math.prod(ref.shape)
-            for op in tensor.ops
-            for ref in (op.a, op.b, op.magnitude)
-            if ref is not None
-        )
-        work = max(work, need + factors)
-    return copy + work
-
-
-def stream_memory(plan: Any, workers: int, device: str, out_bytes: int) -> MemoryEstimate:
-    """Peak RSS of the stream engine: the process, plus each worker's buffers."""
-    buffers = stream_buffers(plan)
-    if workers <= 1 or device != "cpu":
-        host = BASE_RSS + RECIPE_HASH_BYTES + buffers
-        gpu = buffers if device != "cpu" else 0
-        note = "one process" if device == "cpu" else "per GPU worker process"
-        return MemoryEstimate("stream", host, gpu, note)
-    host = BASE_RSS + RECIPE_HASH_BYTES + workers * (WORKER_RSS + buffers)
-    return MemoryEstimate("stream", host, 0, f"{workers} worker processes")
-
-
-def peft_memory(out_bytes: int, spec: MergeSpec, adapter_bytes: int) -> MemoryEstimate:
-    """Peak memory of the peft engine: the whole model in the output dtype and the adapters
-    (PEFT keeps them in fp32); spread over the GPUs with device auto."""
-    # save_pretrained makes no extra copy (measured); the recipe then hashes the files.
-    save = RECIPE_HASH_BYTES
-    engine = spec.engine
-    if engine.device == "cpu":
-        note = "disk offload lowers this" if engine.offload_folder else ""
-        return MemoryEstimate("peft", PEFT_BASE_RSS + out_bytes + adapter_bytes + save, 0, note)
-    if engine.device == "auto":
-        gpus = _visible_gpus()
-        if gpus:
-            per_gpu = math.ceil((out_bytes + adapter_bytes) / gpus)
-            return MemoryEstimate(
-                "peft", PEFT_BASE_RSS + save, per_gpu, f"device auto over {gpus} GPU(s)"
-            )
-        return MemoryEstimate(
-            "peft",
-            PEFT_BASE_RSS + out_bytes + adapter_bytes + save,
-            0,
-            "device auto, no GPU visible here: all on CPU",
-        )
-    return MemoryEstimate("peft", PEFT_BASE_RSS + save, out_bytes + adapter_bytes, "one GPU")
-
-
-def _visible_gpus() -> int:
-    with suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.device_count()
-    return 0
-
-
-def stream_seconds(plan: Any, report: PlanReport, spec: MergeSpec, rates: Throughput) -> float:
-    """Download + (read + compute + write) / workers + hashing for the recipe."""
-    out_bytes = report.output_bytes
-    changed_bytes = sum(t.nbytes for t in plan.tensors if t.changed) if plan is not None else 0
-    flops = plan.lora_flops if plan is not None else 0
-    read = (plan.input_bytes if plan is not None else out_bytes) / rates.read_bps
-    gpu = spec.engine.device != "cpu" and _visible_gpus() > 0
-    compute = flops / (rates.gpu_flops if gpu else rates.cpu_flops)
-    work = changed_bytes / rates.convert_bps + compute
-    parallel = max(1, spec.engine.workers if not gpu else _visible_gpus())
-    cores = os.cpu_count() or 1
-    parallel = min(parallel, cores) if not gpu else parallel
-    write = out_bytes / rates.write_bps
-    return (
-        rates.startup_s
-        + report.download_bytes / rates.download_bps
-        + (read + work) / parallel
-        + write
-        + _hashed_input_bytes(plan, report) / rates.hash_bps
-    )
-
-
-def _hashed_input_bytes(plan: Any, report: PlanReport) -> int:
-    """Bytes the recipe hashes: local inputs (Hub files are named by their sha256)."""
-    if report.download_bytes or plan is None:
-        return 0
-    return plan.input_bytes
-
-
-def peft_seconds(plan: Any, report: PlanReport, spec: MergeSpec, rates: Throughput) -> float:
-    """Download + load + merge (the changed weights, once per adapter) + save + hashing."""
-    out_bytes = report.output_bytes
-    changed = sum(t.nbytes for t in plan.tensors if t.changed) if plan is not None else out_bytes
-    merge = len(spec.adapters) * changed / rates.convert_bps
-    return (
-        rates.startup_s
-        + report.download_bytes / rates.download_bps
-        + out_bytes / rates.peft_load_bps
-        + merge
-        + out_bytes / rates.peft_save_bps
-        + (out_bytes + _hashed_input_bytes(plan, report)) / rates.hash_bps
-    )

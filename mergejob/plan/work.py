@@ -31,16 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mergejob.adapter_config import adapter_weights_path, read_adapter_config
+from mergejob import settings
 from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, read_adapter
-from mergejob.errors import IncompatibleAdapterError, ModelError, listing
-from mergejob.io.checkpoint import FLOAT_DTYPES, CheckpointIndex, read_header
+from mergejob.errors import IncompatibleAdapterError, ModelError
+from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.headers import DTYPE_SIZES, FLOAT_DTYPES, TensorRef
 from mergejob.io.shards import pack_shards, shard_file_names
-from mergejob.io.tensors import DTYPE_SIZES, TensorRef, read_tensor_refs
+from mergejob.sources import choose_tokenizer_source
 
 log = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 _INPUT_EMBEDDING_RE = re.compile(
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$"
 )
@@ -242,17 +242,14 @@ def build_plan(
     :class:`UnsupportedAdapterError` for adapters the stream engine cannot express.
     """
     base_dir = Path(base_dir)
-    config_path = base_dir / "config.json"
+    config_path = base_dir / settings.CONFIG_FILE
     if not config_path.is_file():
         raise ModelError(f"{config_path}: missing; is this a model folder?")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
-    index = CheckpointIndex.from_folder(base_dir)
-    base: dict[str, TensorRef] = {}
-    for shard in index.shards:
-        base.update(read_tensor_refs(base_dir / shard))
+    base: dict[str, TensorRef] = dict(CheckpointIndex.from_folder(base_dir).tensors)
     if output_dtype is not None and output_dtype not in FLOAT_DTYPES:
         raise ModelError(f"output dtype {output_dtype}: not a floating-point dtype")
     factors = [read_adapter(path, weight=weight) for path, weight in adapters]
@@ -319,7 +316,7 @@ class _PlanBuilder:
         for full in adapter.full:
             target = self.resolve(full.target)
             if target is None:
-                self.unmapped.append(f"{adapter.path}: {full.ref.key}")
+                self.unmapped.append(f"{adapter.path}: {full.ref.name}")
                 continue
             current = self.shapes[target]
             shape = full.ref.shape
@@ -331,7 +328,7 @@ class _PlanBuilder:
             )
             if shape != current and not resized:
                 self.misfit.append(
-                    f"{adapter.path}: {full.ref.key} {list(shape)} does not fit {target} "
+                    f"{adapter.path}: {full.ref.name} {list(shape)} does not fit {target} "
                     f"{list(current)}"
                 )
                 continue
@@ -395,7 +392,7 @@ class _PlanBuilder:
         out_f, in_f = lora.b.shape[0], lora.a.shape[1]
         if lora.magnitude is not None and lora.magnitude.shape != (out_f,):
             self.misfit.append(
-                f"{adapter.path}: {lora.magnitude.key} {list(lora.magnitude.shape)} does not "
+                f"{adapter.path}: {lora.magnitude.name} {list(lora.magnitude.shape)} does not "
                 f"fit B {list(lora.b.shape)}"
             )
             return None
@@ -404,7 +401,7 @@ class _PlanBuilder:
             straight = False
         if not straight and not transposed:
             self.misfit.append(
-                f"{adapter.path}: {lora.a.key} {list(lora.a.shape)} and {lora.b.key} "
+                f"{adapter.path}: {lora.a.name} {list(lora.a.shape)} and {lora.b.name} "
                 f"{list(lora.b.shape)} do not fit {target} {list(shape)}"
             )
             return None
@@ -532,8 +529,6 @@ def _config_dtype(config: Mapping[str, Any]) -> str | None:
 
 
 def _tokenizer_source(base_dir: Path, adapters: Sequence[AdapterFactors]) -> str | None:
-    from mergejob.output import choose_tokenizer_source
-
     chosen = choose_tokenizer_source(base_dir, [Path(a.path) for a in adapters])
     return str(chosen) if chosen is not None else None
 
@@ -623,7 +618,7 @@ def _input_identities(tensors: Sequence[OutputTensor]) -> dict[str, str]:
 def _ref_id(ref: TensorRef | None, identities: Mapping[str, str]) -> Any:
     if ref is None:
         return None
-    return [identities[ref.path], ref.key, ref.dtype, list(ref.shape)]
+    return [identities[ref.path], ref.name, ref.dtype, list(ref.shape)]
 
 
 def _with_plan_id(plan: Plan) -> Plan:
@@ -720,47 +715,3 @@ def _cached_plan(
         max_shard_size=max_shard_size,
         trust_remote_code=trust_remote_code,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# The peft engine's check (PEFT decides the rest itself)
-
-
-def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
-    """Every ``lora_A``/``lora_B`` pair must fit the base weight of the module it targets."""
-    config = read_adapter_config(adapter_dir)
-    weights = adapter_weights_path(adapter_dir)
-    header, _ = read_header(weights)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    problems: list[str] = []
-    for key, info in header.items():
-        if ".lora_A." not in key and ".lora_B." not in key:
-            continue
-        module = key.split(".lora_", 1)[0]
-        module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
-        target = base.tensors.get(f"{module}.weight")
-        if target is None and module.split(".")[-1] in {"lm_head", "embed_out"}:
-            # A tied model stores only the input embeddings; the head shares them.
-            target = next(
-                (t for n, t in base.tensors.items() if n.endswith("embed_tokens.weight")), None
-            )
-        if target is None:
-            problems.append(f"{key}: the base has no tensor {module}.weight")
-            continue
-        shape = [int(x) for x in info["shape"]]
-        out_features, in_features = target.shape[0], target.shape[-1]
-        if fan_in_fan_out:
-            out_features, in_features = in_features, out_features
-        if ".lora_A." in key and shape[-1] != in_features:
-            problems.append(
-                f"{key}: shape {shape} does not fit {module}.weight {list(target.shape)}"
-            )
-        if ".lora_B." in key and shape[0] != out_features:
-            problems.append(
-                f"{key}: shape {shape} does not fit {module}.weight {list(target.shape)}"
-            )
-    if problems:
-        raise IncompatibleAdapterError(
-            f"{weights}: adapter does not fit base {base.folder} (was it trained on another "
-            f"model?):{listing(problems)}"
-        )

@@ -27,8 +27,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .fixtures import SeededHubServer
-from .server import HubTestServer
+from tests.support.hubserver.fixtures import SeededHubServer
+from tests.support.hubserver.server import HubTestServer
 
 MiB = 1024 * 1024
 
@@ -493,12 +493,12 @@ def test_server_restarts_on_its_data(tmp_path: Path) -> None:
 
 
 def test_command_line_server(tmp_path: Path) -> None:
-    repo_root = Path(__file__).resolve().parents[2]
+    repo_root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "tests.hubserver.server",
+            "tests.support.hubserver.server",
             "--data",
             str(tmp_path / "data"),
             "--token",

@@ -1,16 +1,17 @@
 """pytest fixtures for tests against a real Kubernetes API server.
 
-Import them from ``tests/conftest.py``::
-
-    from tests.kube.fixtures import kube_cluster, kube_namespace, kubelet  # noqa: F401
+A pytest plugin: ``tests/conftest.py`` names it in ``pytest_plugins``, so every test module
+can ask for these fixtures by name.
 
 * ``kube_cluster``: session-scoped ``LocalCluster``. Skipped when the binaries
-  are missing (run ``bash tests/kube/build_k8s.sh``), unless
+  are missing (run ``bash tests/support/kube/build_k8s.sh``), unless
   ``MERGEJOB_REQUIRE_KUBE=1``, which turns the skip into a failure (CI).
 * ``kube_namespace``: a fresh namespace per test, deleted afterwards.
 * ``kubelet``: a ``FakeKubelet`` running the Pods of ``kube_namespace``; set
   ``kubelet.command_rewriter`` (or use ``kubelet.rewriter``) before creating
   Jobs to map the image's commands and paths onto this machine.
+* ``kubectl``: the project's kubectl (with kustomize), module-scoped; skipped or failed
+  like ``kube_cluster`` when it is missing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from .cluster import BUILD_SCRIPT, LocalCluster, bin_dir, missing_binaries
+from .cluster import BUILD_SCRIPT, LocalCluster, bin_dir, kubectl_path, missing_binaries
 from .kubelet import FakeKubelet, MappingRewriter
 
 
@@ -72,7 +73,7 @@ def _release_cluster() -> None:
 
 @pytest.fixture(scope="session")
 def kube_cluster() -> Iterator[LocalCluster]:
-    # One cluster per test process, even when these fixtures are imported by
+    # One cluster per test process, even if these fixtures are ever imported by
     # more than one conftest (each import makes its own session fixture).
     missing = missing_binaries()
     if missing:
@@ -104,7 +105,7 @@ def kube_namespace(kube_cluster: LocalCluster) -> Iterator[str]:
         except ApiException as e:
             if e.status != 404:
                 raise
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
 
 
 @pytest.fixture
@@ -114,3 +115,14 @@ def kubelet(kube_cluster: LocalCluster, kube_namespace: str) -> Iterator[FakeKub
     )
     with fake:
         yield fake
+
+
+@pytest.fixture(scope="module")
+def kubectl() -> Path:
+    path = kubectl_path()
+    if path is None:
+        reason = f"kubectl (with kustomize) missing in {bin_dir()}: run `bash {BUILD_SCRIPT}` once"
+        if os.environ.get("MERGEJOB_REQUIRE_KUBE") == "1":
+            pytest.fail(reason + " [MERGEJOB_REQUIRE_KUBE=1]", pytrace=False)
+        pytest.skip(reason)
+    return path

@@ -1,11 +1,16 @@
 """``make demo``: the main job on an embedded default, with nothing to download.
 
 Builds a tiny Llama-shaped bf16 model and two LoRA adapters in ``demo-output/``, starts the
-project's Hub test server on a free local port (``tests/hubserver``, the protocol of the real
-huggingface_hub client, uploads over the LFS path), merges them with the same pipeline a pod
-runs and publishes the result to it, shards going up while the merge runs, then downloads the
-repo back with ``snapshot_download`` and checks it against the local copy. ``--no-hub`` (or a
-checkout without ``tests/``) writes to a folder only.
+project's Hub test server on a free local port (``tests/support/hubserver``, the protocol of
+the real huggingface_hub client, uploads over the LFS path), merges them with the same
+pipeline a pod runs and publishes the result to it, shards going up while the merge runs,
+then downloads the repo back with ``snapshot_download`` and checks it against the local copy.
+``--no-hub`` writes to a folder only.
+
+An example run from a checkout (``python examples/demo.py``): the models and the server come
+from the tests' helpers (``tests/support``), which the package never imports. The work folder
+is marked as the demo's (a ``.mergejob-demo`` file) and replaced on the next run; a folder
+without that mark is refused (exit 2), never deleted.
 """
 
 from __future__ import annotations
@@ -19,12 +24,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The checkout's root, so that `tests.support` (and this checkout's mergejob) import when the
+# script is run by its path.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
 DEMO_REPO = "demo/merged-model"
+# Marks a work folder as made by this demo: only such a folder is ever replaced.
+MARKER = ".mergejob-demo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mergejob.demo")
-    parser.add_argument("--dir", default="demo-output", help="work folder (replaced)")
+    parser = argparse.ArgumentParser(prog="examples/demo.py")
+    parser.add_argument(
+        "--dir",
+        default="demo-output",
+        help=f"work folder: made, or replaced if an earlier run made it (it holds {MARKER})",
+    )
     parser.add_argument("--engine", default=None, help="merge engine (default: the default)")
     parser.add_argument(
         "--no-hub", action="store_true", help="merge into a folder only; start no test Hub"
@@ -32,19 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = Path(args.dir).absolute()
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    hub = None if args.no_hub else start_test_hub(work)
-
-    import torch
-
-    import mergejob
-    from mergejob.fixtures import make_adapter, make_base
-    from mergejob.logs import setup_logging
-
-    setup_logging()
     try:
+        prepare_work_folder(work)
+    except FileExistsError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    # The test Hub starts first: its environment must be set before huggingface_hub imports.
+    hub = None if args.no_hub else start_test_hub(work)
+    try:
+        import torch
+
+        import mergejob
+        from mergejob.logs import setup_logging
+        from tests.support.models import make_adapter, make_base
+
+        setup_logging()
         base = make_base(work / "base", dtype=torch.bfloat16, max_shard_size="100KB")
         adapter_a = make_adapter(base, work / "adapter-attn", target_modules=["q_proj", "v_proj"])
         adapter_b = make_adapter(
@@ -73,14 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prepare_work_folder(work: Path) -> None:
+    """Make ``work`` an empty folder marked as the demo's.
+
+    An existing ``work`` is replaced only when it is a folder an earlier run made (it holds
+    the marker file); anything else there (a file, a link, a folder without the marker) is
+    left as it is and ``FileExistsError`` says why.
+    """
+    if work.exists() or work.is_symlink():
+        if work.is_symlink() or not (work / MARKER).is_file():
+            raise FileExistsError(
+                f"{work} exists and is not a folder this demo made (no {MARKER} in it); "
+                "name another --dir, or remove it yourself"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / MARKER).write_text("made by examples/demo.py, which replaces this folder\n")
+
+
 def start_test_hub(work: Path) -> Any:
     """Start the Hub test server for this process and point huggingface_hub at it (the
-    environment is set before the client is imported); None when tests/ is not there."""
-    try:
-        from tests.hubserver.server import HubTestServer
-    except ImportError:
-        print("demo: tests/hubserver not found; merging into a folder only", file=sys.stderr)
-        return None
+    environment is set before the client is imported)."""
+    from tests.support.hubserver.server import HubTestServer
+
     hub = HubTestServer(work / "hub")
     token = f"hf_demo_{secrets.token_hex(16)}"  # fresh each run, never printed
     hub.add_user("demo", token=token)

@@ -1,4 +1,5 @@
-"""Tiny models and adapters made locally, for the demo, the tests and the benchmarks.
+"""Tiny models and adapters made locally, for the tests, the demo, the benchmarks and the image
+test's fixture.
 
 Nothing is downloaded: a base is a randomly initialised transformers model of a real
 architecture (Llama, Qwen2, GPT-2) saved as sharded safetensors, with a small tokenizer
@@ -255,3 +256,29 @@ def make_adapter(
         vocab = resize_vocab_to or model.config.vocab_size
         make_tokenizer(dest, vocab)
     return dest
+
+
+class ModelFactory:
+    """Builds tiny bases and adapters once per test session, keyed by their arguments."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: dict[str, Path] = {}
+
+    def _key(self, kind: str, args: dict[str, Any]) -> str:
+        parts = [kind] + [f"{k}={args[k]}" for k in sorted(args)]
+        return "_".join(parts).replace("/", "-").replace(" ", "").replace("'", "")[:200]
+
+    def base(self, **kwargs: Any) -> Path:
+        """A base made by ``make_base(**kwargs)``, made on the first call with these arguments."""
+        key = self._key("base", kwargs)
+        if key not in self._made:
+            self._made[key] = make_base(self.root / key, **kwargs)
+        return self._made[key]
+
+    def adapter(self, base: Path, **kwargs: Any) -> Path:
+        """An adapter of ``base`` made by ``make_adapter(base, ..., **kwargs)``, made once."""
+        key = self._key(f"adapter-{base.name}", kwargs)
+        if key not in self._made:
+            self._made[key] = make_adapter(base, self.root / key, **kwargs)
+        return self._made[key]

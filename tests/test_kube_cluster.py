@@ -13,8 +13,8 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from tests.kube.cluster import LocalCluster
-from tests.kube.kubelet import FakeKubelet
+from tests.support.kube.cluster import LocalCluster
+from tests.support.kube.kubelet import FakeKubelet
 
 pytestmark = pytest.mark.kube
 

@@ -392,7 +392,7 @@ class FakeKubelet:
     def stop(self) -> None:
         self._stop.set()
         if self._watch is not None:
-            self._watch.stop()  # type: ignore[no-untyped-call]
+            self._watch.stop()
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
@@ -414,7 +414,7 @@ class FakeKubelet:
             self.errors.append(f"delete node: {e!r}")
         shutil.rmtree(self._workdir, ignore_errors=True)
         if self.owns_client:
-            self.api_client.close()  # type: ignore[no-untyped-call]
+            self.api_client.close()
 
     # ------------------------------------------------------------ accessors
     def log_stream(self, namespace: str, pod: str, container: str) -> LogStream | None:
@@ -493,9 +493,9 @@ class FakeKubelet:
 
     def _watch_loop(self) -> None:
         while not self._stop.is_set():
-            self._watch = k8s_watch.Watch()  # type: ignore[no-untyped-call]
+            self._watch = k8s_watch.Watch()
             try:
-                for event in self._watch.stream(  # type: ignore[no-untyped-call]
+                for event in self._watch.stream(
                     self.core.list_namespaced_pod, self.namespace, timeout_seconds=60
                 ):
                     if self._stop.is_set():

@@ -12,7 +12,7 @@ Faults can be injected while it runs (see `HubTestServer.fail`, `HubTestServer.d
 
 Run it by hand (e.g. for `make demo`):
 
-    python -m tests.hubserver.server --port 8765 --data /tmp/hub \\
+    python -m tests.support.hubserver.server --port 8765 --data /tmp/hub \\
         --token alice:hf_alice:write:org --token bob:hf_bob:read
 
 then point the client at it with `HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1`.
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, Self, cast
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from .store import (
@@ -328,7 +328,7 @@ class HubTestServer:
             raise RuntimeError("HubTestServer is not started")
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> HubTestServer:
+    def start(self) -> Self:
         if self._httpd is not None:
             return self
         self._httpd = _HubHTTPServer((self.host, self.port), _HubRequestHandler, self)
@@ -357,7 +357,7 @@ class HubTestServer:
             self._thread.join(timeout=5)
         self.store.clear_incoming()
 
-    def __enter__(self) -> HubTestServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

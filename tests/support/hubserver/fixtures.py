@@ -13,7 +13,7 @@ ambient `HF_TOKEN` removed. No token is set: pass one (`token=hub_env.alice_toke
 `huggingface_hub.constants`, the module-level `HfApi` behind `huggingface_hub.create_repo`
 and friends, and the `HfApi` that transformers caches.
 
-Use them from a conftest with `pytest_plugins = ["tests.hubserver.fixtures"]`, or by
+Use them from a conftest with `pytest_plugins = ["tests.support.hubserver.fixtures"]`, or by
 importing `hub_server` and `hub_env` into it.
 """
 
@@ -93,7 +93,7 @@ def hub_env(
     }.items():
         monkeypatch.setenv(name, value)
 
-    for name, value in {
+    for name, setting in {
         "ENDPOINT": url,
         "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HUB_DISABLE_XET": True,
@@ -110,7 +110,7 @@ def hub_env(
         "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
         "HF_XET_CACHE": str(hf_home / "xet"),
     }.items():
-        monkeypatch.setattr(constants, name, value)
+        monkeypatch.setattr(constants, name, setting)
     monkeypatch.setattr(hf_api.api, "endpoint", url)
     transformers_hub = sys.modules.get("transformers.utils.hub")
     if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):

@@ -3,7 +3,8 @@
 ``mergejob run`` is the pod entrypoint: the spec comes from a file (``--config``, else
 ``MERGEJOB_CONFIG``, else ``/etc/mergejob/config.yaml``, a mounted ConfigMap), then
 ``MERGEJOB_*`` environment variables override single fields, then flags (flags > environment
-> file). Exit codes: 0 done, 2 bad spec or input (never worth a retry), 1 anything else.
+> file; the layering is :func:`mergejob.spec.run_sources`). Exit codes: 0 done, 2 bad spec or
+input (never worth a retry), 1 anything else.
 """
 
 from __future__ import annotations
@@ -11,21 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from mergejob import settings
-from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, SpecError
-from mergejob.spec import MergeSpec, env_labels, env_overrides, load_spec_file
+from mergejob.cli.args import (
+    add_job_arguments,
+    add_logging_arguments,
+    flag_overrides,
+    recorded_inputs_of,
+    spec_from_args,
+)
+from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from mergejob.spec import MergeSpec, load_spec_file, run_sources
 
 log = logging.getLogger("mergejob")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's commands to the ``mergejob`` parser."""
-    from mergejob.cli import add_job_arguments, add_logging_arguments
-
     run = sub.add_parser(
         "run",
         help="run the job described by a spec file and MERGEJOB_* variables (pod entrypoint)",
@@ -110,60 +115,67 @@ def register(sub: argparse._SubParsersAction) -> None:
 # run
 
 
-def spec_for_run(args: argparse.Namespace, environ: dict[str, str] | None = None) -> MergeSpec:
-    """The spec of ``mergejob run``: file, then MERGEJOB_* variables, then flags."""
-    from mergejob.cli import flag_overrides, spec_from_args
+def run_spec(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[MergeSpec, str | None]:
+    """The spec of ``mergejob run`` from its flags and ``environ`` (default: the process
+    environment), and the spec file it read (None when there was none)."""
+    sources = run_sources(
+        flag_overrides(args),
+        settings.environ() if environ is None else environ,
+        config=args.config,
+    )
+    spec = spec_from_args(
+        args,
+        sources.environment,
+        config=sources.path,
+        file_data=sources.file_data,
+        labels=sources.labels,
+    )
+    return spec, sources.path
 
-    environ = dict(os.environ if environ is None else environ)
-    explicit = bool(getattr(args, "config", None)) or bool(environ.get("MERGEJOB_CONFIG"))
-    path = args.config or environ.get("MERGEJOB_CONFIG") or settings.DEFAULT_CONFIG_PATH
-    env = env_overrides(environ)
-    given = {**env, **flag_overrides(args)}
-    if not explicit and not Path(path).exists():
-        if "base.path" not in given or "adapters" not in given:
-            raise SpecError(
-                f"{path}: spec file not found; mount the ConfigMap there, set MERGEJOB_CONFIG "
-                "or pass --config, or give MERGEJOB_BASE and MERGEJOB_ADAPTERS"
-            )
-        file_data: dict[str, Any] = {}
-        args.config = None
-    else:
-        file_data = load_spec_file(path)
-        args.config = path
-    return spec_from_args(args, env, labels=env_labels(env), file_data=file_data)
+
+def spec_for_run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> MergeSpec:
+    """The spec of ``mergejob run``: file, then MERGEJOB_* variables, then flags."""
+    return run_spec(args, environ)[0]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``mergejob run``: the pod entrypoint."""
-    from mergejob.cli import recorded_inputs_of
-    from mergejob.pipeline import merge
-
-    spec = spec_for_run(args)
+    spec, config = run_spec(args)
     token = settings.hub_token()
     if args.dry_run:
         return print_plan(spec, as_json=False, token=token)
     split = args.finalize or args.index is not None or args.index_count is not None
-    if split or os.environ.get("MERGEJOB_INDEX_COUNT"):
-        return run_split(args, spec, token)
-    result = merge(spec, token=token, recorded_inputs=recorded_inputs_of(args))
+    if split or settings.index_variables()[1]:
+        return run_split(args, spec, token, config=config)
+    from mergejob.pipeline import merge  # torch: only for a command that merges
+
+    result = merge(spec, token=token, recorded_inputs=recorded_inputs_of(config))
     print(result.summary())
     return EXIT_OK
 
 
-def run_split(args: argparse.Namespace, spec: MergeSpec, token: str | None) -> int:
+def run_split(
+    args: argparse.Namespace, spec: MergeSpec, token: str | None, *, config: str | None = None
+) -> int:
     """``mergejob run --index I --index-count N`` (or ``--finalize``): one index of a merge
-    split over workers, see :mod:`mergejob.indexed`."""
-    from mergejob import indexed as distributed
+    split over workers, see :mod:`mergejob.indexed`. ``config``: the spec file read, whose
+    recorded inputs (a recipe's) the job is checked against, as a plain run is."""
+    from mergejob import indexed  # torch: only for a command that merges
 
-    env_index, env_count = distributed.index_from_env()
+    env_index, env_count = indexed.index_from_env()
     index = args.index if args.index is not None else env_index
     count = args.index_count if args.index_count is not None else env_count
+    recorded = recorded_inputs_of(config)
     if args.finalize:
-        result = distributed.finalize_job(spec, token=token, count=count)
+        result = indexed.finalize_job(spec, token=token, count=count, recorded_inputs=recorded)
         print(result.summary() if result else "already finalised: nothing to do")
         return EXIT_OK
-    index, count = distributed.check_index_args(index, count)
-    report = distributed.run_index(spec, index=index, count=count, token=token)
+    index, count = indexed.check_index_args(index, count)
+    report = indexed.run_index(
+        spec, index=index, count=count, token=token, recorded_inputs=recorded
+    )
     print(report.summary())
     return EXIT_OK
 
@@ -174,21 +186,19 @@ def run_split(args: argparse.Namespace, spec: MergeSpec, token: str | None) -> i
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """``mergejob plan``: print what a merge would do and cost; non-zero on any problem."""
-    from mergejob.cli import flag_overrides, spec_from_args
-
     layers: list[dict[str, Any]] = []
     file_data = load_spec_file(args.config) if args.config else {}
     if "output.dir" not in flag_overrides(args) and not (file_data.get("output") or {}).get("dir"):
         # A plan needs no output folder; the disk estimate then looks at the current one.
         layers.append({"output.dir": "."})
-    spec = spec_from_args(args, *layers, file_data=file_data)
+    spec = spec_from_args(args, *layers, config=args.config, file_data=file_data)
     token = settings.hub_token()
     return print_plan(spec, as_json=args.json, token=token, strict=args.strict)
 
 
 def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: bool = False) -> int:
     """Build the job's plan report, print it, and return the exit code it calls for."""
-    from mergejob.plan.report import plan_report
+    from mergejob.plan.report import plan_report  # reads headers over the Hub client
 
     report = plan_report(spec, token=token, strict=strict)
     if as_json:
@@ -204,7 +214,7 @@ def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: boo
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``mergejob verify OUTPUT``: 0 when every checked tensor is within tolerance."""
-    from mergejob.verify import DEFAULT_SAMPLE, verify_output
+    from mergejob.verify import DEFAULT_SAMPLE, verify_output  # torch
 
     report = verify_output(
         args.output,
@@ -243,51 +253,3 @@ def cmd_schema(args: argparse.Namespace) -> int:
     """``mergejob schema``: the spec file's JSON Schema on stdout."""
     print(json.dumps(spec_schema(), indent=2))
     return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------
-# Secrets
-
-
-class _HideSecrets(logging.Filter):
-    """Replace the Hub token in any log line (message, arguments, traceback) by ``***``."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = secrets
-
-    def _clean(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = self._clean(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self._clean(record.exc_text)
-        return True
-
-
-def hide_secrets() -> None:
-    """Install the token filter on the ``mergejob`` log handlers (a no-op without a token)."""
-    secrets = []
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        secrets.append(token)
-    path = os.environ.get("HF_TOKEN_PATH", "")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                secrets.append(handle.read().strip())
-        except (OSError, UnicodeDecodeError):
-            pass  # reported as bad input when the job asks for the token
-    secrets = [s for s in secrets if len(s) >= 4]
-    if not secrets:
-        return
-    for handler in logging.getLogger("mergejob").handlers:
-        handler.addFilter(_HideSecrets(secrets))

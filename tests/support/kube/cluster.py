@@ -1,9 +1,9 @@
 """A real (tiny) Kubernetes control plane on loopback for tests.
 
 ``LocalCluster`` starts etcd, kube-apiserver and kube-controller-manager
-(v1.20.2, built by ``tests/kube/build_k8s.sh``) as child processes, waits until
+(v1.20.2, built by ``tests/support/kube/build_k8s.sh``) as child processes, waits until
 the API server is ready, writes kubeconfig files and stops everything on exit.
-There is no scheduler and no kubelet: see ``tests/kube/kubelet.py``.
+There is no scheduler and no kubelet: see ``tests/support/kube/kubelet.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 K8S_VERSION = "1.20.2"
-BUILD_SCRIPT = "tests/kube/build_k8s.sh"
+BUILD_SCRIPT = "tests/support/kube/build_k8s.sh"
 REQUIRED_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
 
 ADMIN_USER = "mergejob-admin"
@@ -114,7 +114,7 @@ def _die_with_parent() -> None:
 
 
 def _client_from(kubeconfig: Path) -> k8s_client.ApiClient:
-    api = k8s_config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+    api = k8s_config.new_client_from_config(config_file=str(kubeconfig))
     assert isinstance(api, k8s_client.ApiClient)
     return api
 

@@ -1,0 +1,167 @@
+"""The checks a job passes before any weight is read: one set, used by every entry point.
+
+``mergejob merge``, ``mergejob run`` and each index of an Indexed Job call :func:`check_job`
+in raising mode (the first problem stops the job, exit code 2); ``mergejob plan`` and
+``run --dry-run`` call the same checks in collecting mode (:class:`Problems`), so that the
+report lists every problem it can find, not only the first, and the two can never disagree
+about what is a problem.
+
+Example::
+
+    problems = Problems(collect=True)
+    checked = check_job(spec, base_dir, adapter_dirs, config_from_dir, problems=problems)
+    print(problems.found)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergejob import model_config, settings
+from mergejob.adapter_config import adapter_weights_path, read_adapter_config
+from mergejob.errors import IncompatibleAdapterError, InputError, ModelError, listing
+from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.headers import read_tensors
+from mergejob.spec import MergeSpec
+
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class Problems:
+    """Where checks report: raise the first (``collect=False``) or list them all."""
+
+    collect: bool = False
+    found: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run one check; in collecting mode its bad-input error becomes a listed problem."""
+        try:
+            yield
+        except InputError as exc:
+            if not self.collect:
+                raise
+            self.found.append(str(exc))
+
+
+@dataclass
+class CheckedJob:
+    """What the checks learned: the base's tensor index and the output dtype (None where
+    a check that decides them failed, in collecting mode)."""
+
+    index: CheckpointIndex | None = None
+    output_dtype: str | None = None
+
+
+def check_job(
+    spec: MergeSpec,
+    base_dir: Path,
+    adapter_dirs: Sequence[Path],
+    config_from_dir: Path | None,
+    *,
+    config_from_name: str | None = None,
+    problems: Problems | None = None,
+) -> CheckedJob:
+    """Every check of the job's inputs that reads headers and configs only: the base is a
+    model folder with readable safetensors headers, the output dtype is a float type, the
+    adapters fit the base as the chosen engine needs (the stream engine's own, fuller check
+    is its plan: :func:`mergejob.plan.work.plan_for_job`), and the output config
+    (config_from, overrides) loads and keeps the weights' shapes."""
+    problems = problems or Problems()
+    checked = CheckedJob()
+    with problems.check():
+        if not (Path(base_dir) / settings.CONFIG_FILE).is_file():
+            raise ModelError(f"{base_dir}/{settings.CONFIG_FILE}: missing; is this a model folder?")
+        checked.index = CheckpointIndex.from_folder(base_dir)
+    if checked.index is None:
+        return checked
+    with problems.check():
+        checked.output_dtype = output_dtype(spec, checked.index, base_dir)
+    if spec.engine.name != "stream":
+        for adapter_dir in adapter_dirs:
+            with problems.check():
+                check_lora_shapes(checked.index, adapter_dir)
+    with problems.check():
+        check_output_config(
+            spec, base_dir, adapter_dirs, config_from_dir, config_from_name=config_from_name
+        )
+    return checked
+
+
+def output_dtype(spec: MergeSpec, index: CheckpointIndex, base_dir: Path) -> str:
+    """The output dtype: the spec's, or ``auto``, the base's stored float dtype."""
+    dtype = spec.output.dtype if spec.output.dtype != "auto" else index.stored_dtype()
+    if dtype not in OUTPUT_DTYPES:
+        raise ModelError(
+            f"{base_dir}: weights are stored as {dtype}; pass --dtype bfloat16, float16 or float32"
+        )
+    return dtype
+
+
+def check_output_config(
+    spec: MergeSpec,
+    base_dir: Path,
+    adapter_dirs: Sequence[Path],
+    config_from_dir: Path | None,
+    *,
+    config_from_name: str | None = None,
+) -> dict[str, Any] | None:
+    """config_from and overrides: the config the output will have (None without either),
+    checked to load with its transformers class and to keep every weight's shape."""
+    if config_from_dir is None and not spec.config.overrides:
+        return None
+    base_config = model_config.read_config(base_dir)
+    return model_config.plan_output_config(
+        base_config,
+        config_from=model_config.read_config(config_from_dir) if config_from_dir else None,
+        config_from_name=config_from_name,
+        overrides=spec.config.overrides,
+        allow_unknown=spec.config.allow_unknown_keys,
+        vocab_size=model_config.merged_vocab_size(base_config, list(adapter_dirs)),
+    )
+
+
+def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
+    """The peft engine's check (PEFT decides the rest itself): every ``lora_A``/``lora_B``
+    pair must fit the base weight of the module it targets."""
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_weights_path(adapter_dir)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    prefix = settings.PEFT_PREFIX
+    problems: list[str] = []
+    for key, ref in read_tensors(weights).items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module = key.split(".lora_", 1)[0]
+        module = module[len(prefix) :] if module.startswith(prefix) else module
+        target = base.tensors.get(f"{module}.weight")
+        if target is None and module.split(".")[-1] in {"lm_head", "embed_out"}:
+            # A tied model stores only the input embeddings; the head shares them.
+            target = next(
+                (t for n, t in base.tensors.items() if n.endswith("embed_tokens.weight")), None
+            )
+        if target is None:
+            problems.append(f"{key}: the base has no tensor {module}.weight")
+            continue
+        shape = list(ref.shape)
+        out_features, in_features = target.shape[0], target.shape[-1]
+        if fan_in_fan_out:
+            out_features, in_features = in_features, out_features
+        if ".lora_A." in key and shape[-1] != in_features:
+            problems.append(
+                f"{key}: shape {shape} does not fit {module}.weight {list(target.shape)}"
+            )
+        if ".lora_B." in key and shape[0] != out_features:
+            problems.append(
+                f"{key}: shape {shape} does not fit {module}.weight {list(target.shape)}"
+            )
+    if problems:
+        raise IncompatibleAdapterError(
+            f"{weights}: adapter does not fit base {base.folder} (was it trained on another "
+            f"model?):{listing(problems)}"
+        )
