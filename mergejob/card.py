@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mergejob import settings
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.sources import ResolvedSource
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
+CARD_FILE = settings.CARD_FILE
 BASE_MODEL_RELATION = "finetune"
 TAGS = ("mergejob", "lora", "merge")
 # Metadata of the base's own card carried over to the merged model's card.

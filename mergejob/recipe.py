@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from mergejob import settings
 from mergejob.errors import InputError
 from mergejob.logs import phase
 from mergejob.sources import ResolvedSource
@@ -42,7 +43,7 @@ from mergejob.spec import RECIPE_KEY
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "mergejob.yaml"
+RECIPE_FILE = settings.RECIPE_FILE
 RECIPE_FORMAT = 1
 _CHUNK = 8 * 1024 * 1024
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -173,7 +173,7 @@ def test_a_job_without_an_output_folder_fails_with_one_error_type(
         lambda: indexed.run_index(spec, index=0, count=2),
         lambda: indexed.finalize_job(spec),
     ):
-        with pytest.raises(SpecError, match="output.dir: required") as caught:
+        with pytest.raises(SpecError, match=r"output\.dir: required") as caught:
             run()
         errors.append(type(caught.value))
     assert len(set(errors)) == 1
