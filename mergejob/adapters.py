@@ -260,16 +260,57 @@ _LORA_PARTS = {
 }
 
 
-def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFactors:
+def default_target_modules(model_type: str | None) -> list[str] | str | None:
+    """PEFT's default LoRA targets for a base of ``model_type`` (what it targets when an
+    adapter's config says ``target_modules: null``), or None where it has none."""
+    if not model_type:
+        return None
+    # PEFT's own table, imported only for such an adapter (peft imports transformers).
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = DEFAULTS.get(model_type)
+    if targets is None or isinstance(targets, str):
+        return targets
+    return sorted(targets)
+
+
+def with_default_targets(
+    config: Mapping[str, Any], model_type: str | None, where: str
+) -> dict[str, Any]:
+    """``config`` with ``target_modules: null`` replaced as PEFT 0.21 replaces it when it
+    loads the adapter (``LoraModel._prepare_adapter_config``): by its default targets for the
+    base's ``model_type``. Without such defaults PEFT refuses the adapter, and so does this."""
+    config = dict(config)
+    if config.get("target_modules") is not None or config.get("target_parameters"):
+        return config
+    targets = default_target_modules(model_type)
+    if targets is None:
+        kind = f"model type {model_type!r}" if model_type else "this base (no model_type)"
+        raise IncompatibleAdapterError(
+            f"{where}: target_modules is null and PEFT has no default target modules for "
+            f"{kind}, so PEFT cannot load this adapter either; set target_modules to the "
+            "modules it was trained on"
+        )
+    config["target_modules"] = targets
+    return config
+
+
+def read_adapter(
+    adapter_dir: Path | str, *, weight: float = 1.0, model_type: str | None = None
+) -> AdapterFactors:
     """Read an adapter folder's config and tensor layout into :class:`AdapterFactors`.
 
+    ``model_type`` is the base's (its config.json): an adapter whose ``target_modules`` is
+    null targets PEFT's defaults for it, as PEFT does (:func:`with_default_targets`).
     Raises :class:`UnsupportedAdapterError` for configs the stream engine cannot express and
     :class:`AdapterError` for files whose tensors do not fit their config.
     """
     adapter_dir = Path(adapter_dir)
+    where = str(adapter_dir / settings.ADAPTER_CONFIG_FILE)
     config = read_adapter_config(adapter_dir)
     weights_file = adapter_weights_path(adapter_dir)
-    check_supported(config, str(adapter_dir / settings.ADAPTER_CONFIG_FILE))
+    check_supported(config, where)
+    config = with_default_targets(config, model_type, where)
     refs = read_tensors(weights_file)
     modules_to_save = tuple(config.get("modules_to_save") or ())
     use_dora = bool(config.get("use_dora", False))
@@ -317,14 +358,16 @@ def read_adapter(adapter_dir: Path | str, *, weight: float = 1.0) -> AdapterFact
                 f"{module}: has LoRA factors but is outside target_modules/layers_to_transform "
                 "(PEFT would not load them)"
             )
-        r = int(rank_pattern.get(pattern_key(list(rank_pattern), module), config.get("r", 8)))
+        rank_key = pattern_key(list(rank_pattern), module)
+        r = int(rank_pattern.get(rank_key, config.get("r", 8)))
         alpha = alpha_pattern.get(
             pattern_key(list(alpha_pattern), module), config.get("lora_alpha", 8)
         )
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+            source = f"rank_pattern {rank_key!r}" if rank_key in rank_pattern else "r"
             problems.append(
                 f"{module}: factors A {list(a.shape)} and B {list(b.shape)} do not have rank "
-                f"r={r} from the config (rank_pattern)"
+                f"{r} from the config's {source}"
             )
             continue
         scale = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -425,7 +468,9 @@ __all__ = [
     "IgnoredTensor",
     "LoraFactors",
     "check_supported",
+    "default_target_modules",
     "is_targeted",
     "pattern_key",
     "read_adapter",
+    "with_default_targets",
 ]

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def summarize_adapter(source: ResolvedSource, weight: float) -> AdapterSummary:
         target_text += f" (full: {', '.join(str(s) for s in saved)})"
     repo_id, commit = hub_id(source)
     return AdapterSummary(
-        source=repo_id or source.spec.path,
+        source=repo_id or local_name(source),
         revision=source.spec.revision,
         commit=commit,
         weight=weight,
@@ -145,6 +146,12 @@ def summarize_adapter(source: ResolvedSource, weight: float) -> AdapterSummary:
         alpha=alpha,
         target_modules=target_text,
     )
+
+
+def local_name(source: ResolvedSource) -> str:
+    """A local input as the card names it: its folder's name, however the path was typed
+    (relative or absolute: the same card), and never the local path (home folders)."""
+    return Path(os.path.abspath(source.local_dir)).name
 
 
 def _with_pattern(value: Any, pattern: Any) -> str:
@@ -233,7 +240,7 @@ def _card_text(
     repo_id: str | None,
 ) -> str:
     base_id, base_commit = hub_id(job.base)
-    base_name = base_id or job.base.spec.path
+    base_name = base_id or local_name(job.base)
     count = len(adapters)
     plural = "adapter" if count == 1 else "adapters"
     title = repo_id.split("/")[-1] if repo_id else f"{Path(base_name).name} + {count} {plural}"
@@ -268,7 +275,9 @@ def _card_text(
     if report.tensors_changed is not None:
         lines.append(f"- tensors changed: {report.tensors_changed}")
     if job.config_from is not None:
-        lines.append(f"- config.json taken from: `{job.config_from.display}`")
+        config_id, _ = hub_id(job.config_from)
+        config_name = config_id or local_name(job.config_from)
+        lines.append(f"- config.json taken from: `{config_name}`")
     overrides = job.spec.config.overrides
     if overrides:
         lines.append("- config overrides:")
@@ -291,7 +300,9 @@ def _card_text(
         "",
         "The resolved spec of this merge. `mergejob.yaml`, next to this card, holds it too, "
         "with the sha256 of every input and output file and the versions used; "
-        "`mergejob run --config mergejob.yaml --output_dir OTHER_DIR` merges it again.",
+        "`mergejob run --config mergejob.yaml --output_dir OTHER_DIR` merges it again. "
+        "Local inputs are named by their folder name only (the card never holds a local "
+        "path); a published recipe names them so too: rerun it beside those folders.",
         "",
         "```yaml",
         yaml.safe_dump(card_spec(resolved_spec), sort_keys=False, width=100).rstrip(),
@@ -310,9 +321,28 @@ def card_spec(resolved_spec: Mapping[str, Any]) -> dict[str, Any]:
         spec["output"] = {k: v for k, v in output.items() if k not in {"dir", "overwrite"}}
     engine = spec.get("engine")
     if isinstance(engine, Mapping):
-        # How many workers merged it does not change a byte of the result.
-        spec["engine"] = {k: v for k, v in engine.items() if k != "workers"}
+        # How many workers merged it, and where it offloaded, do not change a byte of it.
+        spec["engine"] = {
+            k: v for k, v in engine.items() if k not in {"workers", "offload_folder"}
+        }
+    # Local inputs by folder name: the card never holds a local path (a home folder).
+    spec["base"] = _named_locally(spec.get("base"))
+    if isinstance(spec.get("adapters"), list):
+        spec["adapters"] = [_named_locally(entry) for entry in spec["adapters"]]
+    config = spec.get("config")
+    if isinstance(config, Mapping) and config.get("config_from") is not None:
+        spec["config"] = {**config, "config_from": _named_locally(config["config_from"])}
     return spec
+
+
+def _named_locally(entry: Any) -> Any:
+    """A spec source entry with an absolute local path as that folder's name (a Hub id is
+    never absolute)."""
+    if isinstance(entry, Mapping) and isinstance(entry.get("path"), str):
+        path = entry["path"]
+        if os.path.isabs(path):
+            return {**entry, "path": Path(path).name}
+    return entry
 
 
 def _revision_text(revision: str | None, commit: str | None) -> str:

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergejob import logs, output, settings
+from mergejob.engines.shard_inputs import drop_stale_records
 from mergejob.engines.stream import finalize, stream_report, write_shards
 from mergejob.engines.worker import worker_devices
 from mergejob.errors import MergeFailedError, SpecError
@@ -319,7 +320,13 @@ def merge_share(
     returns (merged, resumed)."""
     devices = worker_devices(job.spec.engine.device, job.spec.engine.workers)
     reports = write_shards(
-        plan, job.partial, shards, devices=devices, on_shard_done=on_shard_done, log_shards=False
+        plan,
+        job.partial,
+        shards,
+        devices=devices,
+        on_shard_done=on_shard_done,
+        log_shards=False,
+        digests=job.job.digests,
     )
     merged = [name for r in reports for name in r.merged]
     resumed = [name for r in reports for name in r.resumed]
@@ -386,15 +393,22 @@ def finalize_output(job: StartedJob, plan: Plan, *, count: int | None) -> MergeR
     commit, the rename into place). A shard whose record does not hold is merged again
     here, so a corrupted file never blocks the job."""
     partial = job.partial
+    if job.complete:  # an earlier finaliser wrote it all: only the commit and rename are left
+        return finish_output(job, stream_report(plan, [], workers=count or 1, device="cpu"))
     _remove_foreign_files(plan, partial)
     with job.timings.phase("finalize"):
+        # Every shard made from the inputs the recipe records (other pods wrote most of them;
+        # the hashing is the recipe's own, done once).
+        drop_stale_records(plan, partial, range(len(plan.shards)), job.job.digests)
         try:
             records = finalize(plan, partial, verify_checksums=True, keep_records=True)
         except MergeFailedError as exc:
             log.warning("finaliser: %s; merging those shards here", str(exc).splitlines()[0])
             names = set(_unfinished(plan, partial))
             redo = [i for i, s in enumerate(plan.shards) if s.name in names]
-            write_shards(plan, partial, redo, devices=["cpu"], log_shards=False)
+            write_shards(
+                plan, partial, redo, devices=["cpu"], log_shards=False, digests=job.job.digests
+            )
             records = finalize(plan, partial, verify_checksums=True, keep_records=True)
     report = stream_report(plan, records, workers=count or 1, device=job.spec.engine.device)
     result = finish_output(job, report)

@@ -276,6 +276,32 @@ def parse_published(line: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2)) if match else None
 
 
+@dataclass(frozen=True)
+class DownloadDone:
+    """A base shard downloaded from the Hub: ``done`` of ``total``, ``nbytes`` bytes."""
+
+    done: int
+    total: int
+    nbytes: int
+
+
+_DOWNLOAD_DONE = re.compile(r"\bdownload (\d+)/(\d+) done: \S+ \((\d+) bytes\)")
+
+
+def download_done_line(done: int, total: int, name: str, nbytes: int) -> str:
+    """``download 3/30 done: model-00003-of-00030.safetensors (4983463256 bytes)``: the
+    line per base shard a Hub-to-Hub job fetches (:mod:`mergejob.fetch`)."""
+    return f"download {done}/{total} done: {name} ({nbytes} bytes)"
+
+
+def parse_download_done(line: str) -> DownloadDone | None:
+    """The download line in ``line``, else None."""
+    match = _DOWNLOAD_DONE.search(line)
+    if not match:
+        return None
+    return DownloadDone(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+
+
 # ---------------------------------------------------------------------------------------
 # Secrets: the Hub token never reaches a log line
 
@@ -302,6 +328,29 @@ class _HideSecrets(logging.Filter):
         if record.exc_text:
             record.exc_text = self._clean(record.exc_text)
         return True
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with every token of :func:`mergejob.settings.known_secrets` as ``***``: for
+    the lines the command prints outside the log (its error line)."""
+    for secret in settings.known_secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+def quiet_library_bars() -> None:
+    """When mergejob's own bars are off (not a terminal, ``MERGEJOB_DISABLE_PROGRESS_BARS``),
+    turn off huggingface_hub's and transformers' bars too, through their own switches: their
+    tqdm lines would fill a pod's log with carriage-return noise."""
+    if settings.progress_bars_enabled():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    # transformers copies huggingface_hub's switch when it is imported; once imported it has
+    # its own.
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
 def hide_secrets() -> None:

@@ -181,7 +181,8 @@ def _target(config: dict[str, Any], key: str) -> dict[str, Any]:
 def check_overrides(
     config: Mapping[str, Any], overrides: Mapping[str, Any], *, allow_unknown: bool
 ) -> None:
-    """Refuse override keys that the weights fix, and (unless allowed) keys nobody knows."""
+    """Refuse override keys that the weights fix, (unless allowed) keys nobody knows, and
+    values of another type than the key takes (:func:`check_override_types`)."""
     for key in overrides:
         target = _target(dict(config), key)
         head = key.split(".", 1)[0]
@@ -205,6 +206,7 @@ def check_overrides(
             f"config.overrides.{key}: {owner} has no key {head!r}{hint} "
             "(set config.allow_unknown_keys: true to add it anyway)"
         )
+    check_override_types(config, overrides)
 
 
 def _real_key(config: Mapping[str, Any], key: str) -> str:
@@ -212,6 +214,266 @@ def _real_key(config: Mapping[str, Any], key: str) -> str:
     cls = config_class(config.get("model_type"))
     attribute_map = getattr(cls, "attribute_map", {}) or {}
     return attribute_map.get(key, key)
+
+
+# ---------------------------------------------------------------------------------------
+# Types of override values: what the config class declares, else what the config holds
+
+# JSON kinds of a value: bool, int, float, str, list, dict, null.
+_KIND_WORDS = {
+    "bool": "a boolean",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "null": "null",
+}
+_ANNOTATION_NAMES = {
+    "bool": "bool",
+    "int": "int",
+    "float": "float",
+    "str": "str",
+    "None": "null",
+    "NoneType": "null",
+    "list": "list",
+    "tuple": "list",
+    "dict": "dict",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpectedType:
+    """The JSON kinds a config key takes, and who says so (for the message)."""
+
+    kinds: frozenset[str]
+    where: str
+    # The class declares a float (not an int): a JSON integer is taken and written as a
+    # float, since transformers 5 refuses an int for a float field (rms_norm_eps=1).
+    float_only: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` has one of the kinds (an integer counts as a number)."""
+        kind = _json_kind(value)
+        return kind in self.kinds or (kind == "int" and "float" in self.kinds)
+
+    def describe(self) -> str:
+        """``a number or null``, ``an integer``, ``true or false``."""
+        words = []
+        if "float" in self.kinds:
+            words.append("a number")
+        elif "int" in self.kinds:
+            words.append("an integer")
+        words += [
+            "true or false" if kind == "bool" else _KIND_WORDS[kind]
+            for kind in ("str", "bool", "list", "dict")
+            if kind in self.kinds
+        ]
+        if "null" in self.kinds:
+            words.append("null")
+        return " or ".join(words)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: bool is an int in Python, not in JSON schemas
+        return "bool"
+    for kind, types in (("int", int), ("float", float), ("str", str), ("dict", Mapping)):
+        if isinstance(value, types):
+            return kind
+    return "list" if isinstance(value, list | tuple) else type(value).__name__
+
+
+def _annotation_kinds(annotation: Any) -> frozenset[str] | None:
+    """JSON kinds of a type annotation (a type, a union, a string such as ``'int | None'``),
+    or None where any part is something else (torch.dtype, Any): then nothing is checked."""
+    import typing
+
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.split("|")]
+        if any("[" in p and not p.endswith("]") for p in parts):
+            return None  # a | inside brackets: not the simple unions this reads
+        kinds: set[str] = set()
+        for part in parts:
+            name = part.split("[", 1)[0].strip()
+            if name in ("Literal", "typing.Literal"):
+                values = part[part.index("[") + 1 : -1]
+                kinds |= {"str"} if values.lstrip().startswith(("'", '"')) else {"int"}
+            elif name in _ANNOTATION_NAMES:
+                kinds.add(_ANNOTATION_NAMES[name])
+            else:
+                return None
+        return frozenset(kinds)
+    if annotation is type(None) or annotation is None:
+        return frozenset({"null"})
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        found: set[str] = set()
+        for arg in typing.get_args(annotation):
+            part = _annotation_kinds(arg)
+            if part is None:
+                return None
+            found |= part
+        return frozenset(found)
+    if origin is typing.Literal:
+        return frozenset(_json_kind(v) for v in typing.get_args(annotation))
+    if origin is not None:
+        annotation = origin
+    if isinstance(annotation, type):
+        for base in (bool, int, float, str):
+            if issubclass(annotation, base):
+                return frozenset({base.__name__})
+        if issubclass(annotation, dict):  # dict, and TypedDicts such as RopeParameters
+            return frozenset({"dict"})
+        if issubclass(annotation, list | tuple):
+            return frozenset({"list"})
+    return None
+
+
+def _value_kinds(value: Any) -> frozenset[str] | None:
+    """Kinds a key takes, judged from a value it has (a default, the base's own): lenient,
+    any number for a number (a config's 10000 may stand for a float), nothing for null."""
+    kind = _json_kind(value)
+    if kind in ("int", "float"):
+        return frozenset({"int", "float"})
+    return frozenset({kind}) if kind in _KIND_WORDS and kind != "null" else None
+
+
+def _class_declared(cls: Any, key: str) -> tuple[Any, Any]:
+    """(annotation, default) of ``key`` in a config class: its dataclass field
+    (transformers 5), else its ``__init__`` parameter (transformers 4); _MISSING if none."""
+    if dataclasses.is_dataclass(cls):
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                default = f.default if f.default is not dataclasses.MISSING else _MISSING
+                return f.type, default
+    for klass in getattr(cls, "__mro__", ()):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            param = inspect.signature(init).parameters.get(key)
+        except (TypeError, ValueError):
+            continue
+        if param is not None:
+            annotation = param.annotation if param.annotation is not param.empty else _MISSING
+            default = param.default if param.default is not param.empty else _MISSING
+            return annotation, default
+    return _MISSING, _MISSING
+
+
+def _rope_annotations() -> dict[str, Any]:
+    """transformers 5's ``RopeParameters`` fields (rope_theta: float | None, ...)."""
+    try:
+        import typing
+
+        from transformers.modeling_rope_utils import RopeParameters
+
+        return dict(typing.get_type_hints(RopeParameters))
+    except Exception:  # transformers 4: no such class; the config's own values decide
+        return {}
+
+
+def _expected_from(
+    annotation: Any, default: Any, current: Any, where: str
+) -> ExpectedType | None:
+    if annotation is not _MISSING:
+        kinds = _annotation_kinds(annotation)
+        if kinds is not None:
+            float_only = "float" in kinds and "int" not in kinds
+            return ExpectedType(kinds, where, float_only)
+    for value, source in ((default, f"{where} (by its default)"), (current, where)):
+        if value is not _MISSING:
+            kinds = _value_kinds(value)
+            if kinds is not None:
+                return ExpectedType(kinds, source)
+    return None
+
+
+def expected_type(config: Mapping[str, Any], key: str) -> ExpectedType | None:
+    """What an override ``key`` (dotted for nested values) must be: the config class's
+    annotation (``RopeParameters`` for RoPE values), else its default, else the value the
+    config already holds; None where nothing says (a key only ``allow_unknown_keys`` adds)."""
+    target = _target(dict(config), key)
+    head, _, rest = key.partition(".")
+    head = _real_key(target, head)
+    rope = target.get("rope_parameters")
+    cls = config_class(target.get("model_type"))
+    owner = cls.__name__ if cls is not None else "config.json"
+    if (head in ("rope_parameters", "rope_scaling") and rest) or (
+        head in ROPE_LEGACY_KEYS and isinstance(rope, dict)
+    ):
+        leaf = rest.split(".")[-1] if rest else head
+        node: Any = rope if isinstance(rope, dict) else target.get(head)
+        for part in rest.split(".") if rest else [leaf]:
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        annotation = _rope_annotations().get(leaf, _MISSING)
+        return _expected_from(annotation, _MISSING, node, f"rope_parameters {leaf!r}")
+    if rest:
+        node = target.get(head, _MISSING)
+        for part in rest.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        return _expected_from(_MISSING, _MISSING, node, f"{owner} {key!r}")
+    if head == "rope_scaling" and "rope_parameters" in known_keys(target):
+        head = "rope_parameters"  # transformers 5 reads the old spelling into this one
+    annotation, default = _class_declared(cls, head) if cls is not None else (_MISSING, _MISSING)
+    return _expected_from(annotation, default, target.get(head, _MISSING), f"{owner}.{head}")
+
+
+def check_override_types(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Every override value must have the type its key takes (:func:`expected_type`); the
+    values of a RoPE mapping (``rope_parameters: {factor: 4.0}``) are checked one by one."""
+    for key, value in overrides.items():
+        expected = expected_type(config, key)
+        if expected is not None and not expected.accepts(value):
+            raise SpecError(_type_message(key, value, expected))
+        head = _real_key(_target(dict(config), key), key.split(".", 1)[0])
+        if head in ("rope_parameters", "rope_scaling") and isinstance(value, Mapping):
+            _check_rope_mapping(key, value)
+
+
+def _check_rope_mapping(key: str, mapping: Mapping[str, Any]) -> None:
+    annotations = _rope_annotations()
+    for name, value in mapping.items():
+        leaf = "rope_type" if name == "type" else name  # transformers 4's spelling
+        if leaf in annotations:
+            kinds = _annotation_kinds(annotations[leaf])
+            expected = ExpectedType(kinds, f"rope_parameters {leaf!r}") if kinds else None
+            if expected is not None and not expected.accepts(value):
+                raise SpecError(_type_message(f"{key}.{name}", value, expected))
+        elif isinstance(value, Mapping):  # RoPE parameters per layer type (Gemma 3)
+            _check_rope_mapping(f"{key}.{name}", value)
+
+
+def _type_message(key: str, value: Any, expected: ExpectedType) -> str:
+    hint = ""
+    if isinstance(value, str) and expected.kinds & {"int", "float"}:
+        digits = value.replace(",", "").replace("_", "").replace(" ", "")
+        try:
+            float(digits)
+        except ValueError:
+            pass
+        else:
+            leaf = key.rsplit(".", 1)[-1]
+            hint = (
+                f"; write the number without quotes or separators, e.g. {leaf}={digits} "
+                "(--set-config parses the value as JSON)"
+            )
+    kind = _json_kind(value)
+    return (
+        f"config.overrides.{key}: {value!r} is {_KIND_WORDS.get(kind, kind)}; "
+        f"{expected.where} takes {expected.describe()}{hint}"
+    )
+
+
+def coerce_override(config: Mapping[str, Any], key: str, value: Any) -> Any:
+    """``value`` as written to the config: a JSON integer for a key the class declares a
+    float becomes a float (``rms_norm_eps=1`` -> 1.0); anything else as given."""
+    if type(value) is not int:
+        return value
+    expected = expected_type(config, key)
+    return float(value) if expected is not None and expected.float_only else value
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,6 +485,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     """
     result = copy.deepcopy(dict(config))
     for key, value in overrides.items():
+        value = coerce_override(result, key, value)
         target = _target(result, key)
         head, _, rest = key.partition(".")
         head = _real_key(target, head)
@@ -369,8 +632,10 @@ def _same(got: Any, want: Any) -> bool:
     return bool(got == want)
 
 
-def _meta_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    """Parameter shapes of the causal LM ``config`` describes (built on the meta device)."""
+def _meta_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | str | None:
+    """Parameter shapes of the causal LM ``config`` describes, built on the meta device (no
+    memory, no weights); the error as one line where transformers cannot build it; None
+    where transformers has no class for its model_type (custom code: nothing to build)."""
     cls = config_class(config.get("model_type"))
     if cls is None:
         return None
@@ -385,19 +650,27 @@ def _meta_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None
             loaded = cls.from_dict(copy.deepcopy(dict(config)))
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(loaded)
-    except Exception as exc:  # not a causal LM transformers can build: nothing to compare
-        log.debug("shape check skipped: %s", exc)
-        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def check_shapes_unchanged(reference: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """The model ``config`` describes must have the parameter shapes of the one
+    """The model ``config`` describes must build, with the parameter shapes of the one
     ``reference`` (the config the merge would write without overrides) describes: an
-    override such as GPT-2's n_positions would change the shape of a weight."""
+    override such as GPT-2's n_positions would change the shape of a weight. Where the
+    reference itself does not build (not a causal LM this transformers knows) there is
+    nothing to hold ``config`` to."""
     want = _meta_shapes(reference)
-    have = _meta_shapes(config) if want is not None else None
-    if want is None or have is None:
+    if not isinstance(want, dict):
+        log.debug("shape check skipped: the base's own config does not build: %s", want)
+        return
+    have = _meta_shapes(config)
+    if isinstance(have, str):
+        raise SpecError(
+            f"config: transformers cannot build the model of the resulting config ({have})"
+        )
+    if have is None:
         return
     problems = [
         f"{name} {list(have[name])} (the weights are {list(shape)})"
@@ -411,6 +684,35 @@ def check_shapes_unchanged(reference: Mapping[str, Any], config: Mapping[str, An
         )
 
 
+def _blame(
+    engine_like: Mapping[str, Any],
+    config_from: Mapping[str, Any] | None,
+    config_from_name: str | None,
+    overrides: Mapping[str, Any],
+    error: SpecError,
+) -> SpecError:
+    """The same failure, named by the first override that alone causes it (else config_from,
+    else every override together), so that the message says which key to fix."""
+    reference = merged_config(engine_like, config_from=None, overrides={})
+
+    def fails(config: Mapping[str, Any]) -> bool:
+        try:
+            check_shapes_unchanged(reference, config)
+        except SpecError:
+            return True
+        return False
+
+    detail = str(error).split(": ", 1)[1]
+    for key, value in overrides.items():
+        if fails(merged_config(engine_like, config_from=config_from, overrides={key: value})):
+            return SpecError(f"config.overrides.{key}: with {value!r}, {detail}")
+    if config_from is not None and fails(
+        merged_config(engine_like, config_from=config_from, overrides={})
+    ):
+        return SpecError(f"config.config_from {config_from_name or '?'}: {detail}")
+    return SpecError(f"config.overrides ({', '.join(overrides)} together): {detail}")
+
+
 def plan_output_config(
     base_config: Mapping[str, Any],
     *,
@@ -422,7 +724,9 @@ def plan_output_config(
     check_shapes: bool = True,
 ) -> dict[str, Any]:
     """Every check on the output config, before a merge; returns the config it will have
-    (with the base's merge-decided keys, which the engine may still change)."""
+    (with the base's merge-decided keys, which the engine may still change): the overrides'
+    keys and types, the config loads with its transformers class and reads the overrides
+    back, and it builds its model (on the meta device) with the weights' shapes."""
     if config_from is not None:
         check_config_from(
             base_config, config_from, other_name=config_from_name or "?", vocab_size=vocab_size
@@ -433,9 +737,14 @@ def plan_output_config(
     if vocab_size is not None:
         engine_like["vocab_size"] = vocab_size
     final = merged_config(engine_like, config_from=config_from, overrides=overrides)
-    check_effective(final, overrides)
-    if check_shapes and (overrides or config_from is not None):
-        check_shapes_unchanged(engine_like, final)
+    try:
+        check_effective(final, overrides)
+        if check_shapes and (overrides or config_from is not None):
+            check_shapes_unchanged(engine_like, final)
+    except SpecError as exc:
+        if not str(exc).startswith(("config: ", "config.overrides: ")):
+            raise  # names its key already
+        raise _blame(engine_like, config_from, config_from_name, overrides, exc) from None
     return final
 
 

@@ -96,15 +96,40 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def recipe_plan_id(output_dir: Path) -> str | None:
-    """The plan id a finished output's recipe records, if any."""
+def finished_recipe(folder: Path) -> dict[str, Any] | None:
+    """The recipe of ``folder`` if the folder agrees with it, else None: every file its
+    ``outputs`` name is there with the size its ``sizes`` record (a recipe without sizes
+    proves nothing).
+
+    Names and sizes, not a re-hash: every rerun looks, and reading a 140 GB output again
+    would cost it minutes. What a rerun must not take for finished is a folder a crash or a
+    person left incomplete (a missing or cut file), which sizes catch; the files were hashed
+    as they were written (the recipe holds their sha256, ``mergejob verify`` re-reads them).
+    """
     import yaml
 
     try:
-        document = yaml.safe_load((Path(output_dir) / settings.RECIPE_FILE).read_text())
+        document = yaml.safe_load((Path(folder) / settings.RECIPE_FILE).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    section = document.get("recipe") if isinstance(document, dict) else None
+    record = document.get("recipe") if isinstance(document, dict) else None
+    outputs = record.get("outputs") if isinstance(record, dict) else None
+    sizes = record.get("sizes") if isinstance(record, dict) else None
+    if not isinstance(outputs, dict) or not isinstance(sizes, dict) or set(outputs) != set(sizes):
+        return None
+    for name, size in sizes.items():
+        path = Path(folder) / str(name)
+        try:
+            if not path.is_file() or path.stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return document
+
+
+def recipe_plan_id(document: Mapping[str, Any]) -> str | None:
+    """The plan id a recipe (as read by :func:`finished_recipe`) records, if any."""
+    section = document.get("recipe")
     engine = section.get("engine") if isinstance(section, dict) else None
     plan_id = engine.get("plan_id") if isinstance(engine, dict) else None
     return str(plan_id) if plan_id else None
@@ -112,20 +137,11 @@ def recipe_plan_id(output_dir: Path) -> str | None:
 
 def may_hold_finished(output_dir: Path, *, temporary: bool) -> bool:
     """Cheap: whether ``output_dir`` may hold a finished merge (a recipe, or for a
-    publish-only job the published marker), to be confirmed by :func:`finished_for`."""
+    publish-only job the published marker), to be confirmed by the pipeline (the recipe
+    agrees with the files and describes this very job)."""
     if temporary:
         return _published_marker(output_dir).is_file()
     return (Path(output_dir) / settings.RECIPE_FILE).is_file()
-
-
-def finished_for(output_dir: Path, plan_id: str, *, temporary: bool) -> bool:
-    """Whether the output of plan ``plan_id`` is already finished (and published, for a
-    publish-only job whose local copy is gone): a rerun then has nothing to do."""
-    if partial_dir_for(output_dir).exists():
-        return False
-    if temporary:
-        return published_for(output_dir, plan_id)
-    return recipe_plan_id(output_dir) == plan_id
 
 
 def published_for(output_dir: Path, plan_id: str | None) -> bool:
@@ -150,20 +166,46 @@ def forget_published(output_dir: Path) -> None:
     _published_marker(output_dir).unlink(missing_ok=True)
 
 
+def _replaced_dir(output_dir: Path) -> Path:
+    output_dir = Path(output_dir).absolute()
+    return output_dir.parent / f".{output_dir.name}{settings.OLD_SUFFIX}"
+
+
 def commit_partial(output_dir: Path) -> Path:
-    """Rename the finished temporary folder into place (replacing an old output)."""
+    """Rename the finished temporary folder into place (replacing an old output: the old one
+    is renamed aside first, then removed; :func:`recover_replaced` finishes a crash between)."""
     output_dir = Path(output_dir).absolute()
     partial = partial_dir_for(output_dir)
     if output_dir.exists():
-        trash = output_dir.parent / f".{output_dir.name}.mergejob-old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        output_dir.rename(trash)
+        old = _replaced_dir(output_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        output_dir.rename(old)
+        settings.kill_point("between-renames")
         partial.rename(output_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         partial.rename(output_dir)
     return output_dir
+
+
+def recover_replaced(output_dir: Path) -> None:
+    """Finish what a crash inside :func:`commit_partial` left: the old output renamed aside
+    (``.NAME.mergejob-old``, a whole model) goes if the new one is in place, and is put back
+    if nothing is (the new one is still the partial folder, which the rerun finishes)."""
+    output_dir = Path(output_dir).absolute()
+    old = _replaced_dir(output_dir)
+    if not old.exists():
+        return
+    if output_dir.exists():
+        log.info("removing %s, the output a finished run replaced", old)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        old.rename(output_dir)
+        log.warning("%s: put back the old output (a run died while replacing it)", output_dir)
+    except FileNotFoundError:
+        pass  # another index of the same Indexed Job put it back first
 
 
 def copy_tokenizer(source: Path | None, dest: Path) -> list[str]:

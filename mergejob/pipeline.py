@@ -22,7 +22,7 @@ from mergejob.errors import (
     listing,
 )
 from mergejob.job import EngineReport, PreparedJob
-from mergejob.plan.checks import check_job
+from mergejob.plan.checks import check_job, check_output_apart
 from mergejob.plan.work import plan_for_job
 from mergejob.recipe import Timings
 from mergejob.sources import (
@@ -88,6 +88,7 @@ def prepare(
             config_from = resolve_source(
                 spec.config.config_from, role="config_from", patterns=CONFIG_PATTERNS, token=token
             )
+    settings.kill_point("resolved")
     with timings.phase("plan"):
         checked = check_job(
             spec,
@@ -118,7 +119,9 @@ class StartedJob:
 
     ``inputs`` gives the recipe's input records (hashed on a thread beside the merge, or
     already checked against a recipe's); ``finished`` is true when the output already holds
-    this very merge (a rerun after a crash that came after the last step).
+    this very merge (a rerun after a crash that came after the last step); ``complete`` when
+    the partial folder does (a crash after the recipe: only the commit and the rename are
+    left, and the folder is published as it is, so a commit that landed is recognised).
     """
 
     job: PreparedJob
@@ -132,6 +135,7 @@ class StartedJob:
     started: float
     plan_id: str | None = None
     finished: bool = False
+    complete: bool = False
 
     @property
     def spec(self) -> MergeSpec:
@@ -178,6 +182,9 @@ def start_job(
     out_dir = output_dir_of(spec, target)
     temporary = spec.output.dir is None
     overwrite = spec.output.overwrite or temporary
+    # Never an output that would replace an input, whatever the flags: before any read.
+    check_output_apart(spec, out_dir)
+    output.recover_replaced(out_dir)
     # An output folder that holds something else fails before any download; one that may
     # hold this very merge is looked at once the plan (and its id) is known.
     maybe_finished = output.may_hold_finished(out_dir, temporary=temporary)
@@ -186,23 +193,31 @@ def start_job(
     timings = Timings()
     job = prepare(spec, token=token, timings=timings)
     plan_id = plan_for_job(job).plan_id if spec.engine.name == "stream" else None
-    finished = (
-        maybe_finished
-        and plan_id is not None
-        and output.finished_for(out_dir, plan_id, temporary=temporary)
-    )
+    settings.kill_point("planned")
+    current = _Once(lambda: input_records(job))
+    partial = output.partial_dir_for(out_dir)
+    finished = False
+    if maybe_finished and not partial.exists():  # a partial folder: a run is not done
+        if temporary:
+            finished = output.published_for(out_dir, plan_id)
+        else:
+            finished = holds_this_job(out_dir, job, plan_id, current)
     if maybe_finished and not finished:
         output.check_output_dir(out_dir, overwrite=overwrite)
+    complete = (
+        not finished
+        and (partial / settings.RECIPE_FILE).is_file()
+        and holds_this_job(partial, job, plan_id, current)
+    )
     inputs: Callable[[], list[dict[str, Any]]]
     if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
         checked = check_recorded_inputs(job, recorded_inputs, timings)
         inputs = lambda: checked  # noqa: E731 - one of two ways to the same answer
-    elif hash_inputs and not finished:
+    elif hash_inputs and not finished and not complete and current.value is None:
         inputs = InputDigests(job).result  # for the recipe, beside the merge
     else:
-        inputs = lambda: input_records(job)  # noqa: E731 - only if asked for
-    partial = output.partial_dir_for(out_dir)
-    if not finished:
+        inputs = current  # hashed already, or only if asked for
+    if not finished and not complete:
         # The stream engine resumes from the finished shards an interrupted run left.
         resume = shared_partial or spec.engine.name == "stream"
         partial = output.open_partial(out_dir, resume=resume)
@@ -218,7 +233,58 @@ def start_job(
         started=started,
         plan_id=plan_id,
         finished=finished,
+        complete=complete,
     )
+
+
+class _Once:
+    """A value computed on the first call and kept (``value``: None until then)."""
+
+    def __init__(self, compute: Callable[[], list[dict[str, Any]]]) -> None:
+        self._compute = compute
+        self.value: list[dict[str, Any]] | None = None
+
+    def __call__(self) -> list[dict[str, Any]]:
+        if self.value is None:
+            self.value = self._compute()
+        return self.value
+
+
+def holds_this_job(
+    folder: Path,
+    job: PreparedJob,
+    plan_id: str | None,
+    current_inputs: Callable[[], list[dict[str, Any]]],
+) -> bool:
+    """Whether ``folder`` (an output, or a partial folder) holds this very job's finished
+    output: its recipe agrees with its files (:func:`mergejob.output.finished_recipe`) and
+    records the same model (the spec as the card shows it, and the Hub repo the card names)
+    and the same inputs: the stream engine's plan id fingerprints them; the peft engine has
+    none, so their sha256 are compared with the recipe's (hashing them costs less than the
+    merge a rerun would redo)."""
+    from mergejob.card import card_spec
+
+    document = output.finished_recipe(folder)
+    if document is None:
+        return False
+    if plan_id is not None and output.recipe_plan_id(document) != plan_id:
+        return False
+
+    def what(spec: Mapping[str, Any]) -> dict[str, Any]:
+        publish = spec.get("publish")
+        repo_id = publish.get("repo_id") if isinstance(publish, Mapping) else None
+        return {**card_spec(spec), "repo_id": repo_id}
+
+    if what(document) != what(resolved_spec(job)):
+        return False
+    if plan_id is None:
+        record = document.get(recipe.RECIPE_KEY)
+        recorded = record.get("inputs") if isinstance(record, dict) else None
+        if not isinstance(recorded, list):
+            return False
+        if recipe.input_changes(recorded, current_inputs()):
+            return False
+    return True
 
 
 def merge(
@@ -247,14 +313,19 @@ def merge(
     resumable = spec.engine.name == "stream"
     uploader = start_uploader(spec, job.target, job.token) if job.target is not None else None
     try:
-        with job.timings.phase("merge", engine=spec.engine.name):
-            report = run_engine(job.job, job.partial, on_shard_done=uploader)
+        if job.complete:
+            log.info("%s holds this merge already (an earlier run wrote it)", job.partial)
+            report = EngineReport(engine=spec.engine.name, extra={"plan_id": job.plan_id})
+        else:
+            with job.timings.phase("merge", engine=spec.engine.name):
+                report = run_engine(job.job, job.partial, on_shard_done=uploader)
+            settings.kill_point("merged")
         return finish_output(job, report, uploader=uploader)
     except BaseException as exc:
         # The recipe is written last: with it, the folder is finished and only publishing
-        # is left; keep it for the rerun.
+        # is left; keep it for the rerun (of either engine: start_job recognises it).
         complete = (job.partial / settings.RECIPE_FILE).is_file()
-        if resumable and (complete or not isinstance(exc, InputError | MergeFailedError)):
+        if complete or (resumable and not isinstance(exc, InputError | MergeFailedError)):
             log.warning(
                 "kept %s: rerun the same job to resume from its finished shards", job.partial
             )
@@ -280,25 +351,30 @@ def finish_output(
     Indexed Job. A crash anywhere before the rename leaves the partial folder for a rerun.
     """
     prepared, partial, timings = job.job, job.partial, job.timings
-    with timings.phase("write"):
-        output.write_extras(partial, prepared.base.local_dir, prepared.adapter_dirs)
-        write_config(prepared, partial, report)
-        write_card(
-            prepared,
-            partial,
-            report,
-            repo_id=job.target.repo_id if job.target else None,
-            token=job.token,
-        )
-    write_recipe(prepared, partial, report, timings, inputs=job.inputs())
+    if not job.complete:  # else an earlier run wrote all of it: the folder stays as it is
+        with timings.phase("write"):
+            output.write_extras(partial, prepared.base.local_dir, prepared.adapter_dirs)
+            write_config(prepared, partial, report)
+            write_card(
+                prepared,
+                partial,
+                report,
+                repo_id=job.target.repo_id if job.target else None,
+                token=job.token,
+            )
+        settings.kill_point("written")
+        write_recipe(prepared, partial, report, timings, inputs=job.inputs())
+        settings.kill_point("recipe-written")
     published: PublishResult | None = None
     if job.target is not None and not output.published_for(job.out_dir, job.plan_id):
         with timings.phase("publish", repo=job.target.display):
             published = publish_output(prepared, partial, job.target, uploader, job.token)
         if job.plan_id is not None:
             output.mark_published(job.out_dir, job.plan_id, published.commit_url)
+        settings.kill_point("published")
     # Last: the shard records (a crash before this point redoes the step, merging nothing).
     output.drop_records(partial)
+    settings.kill_point("records-dropped")
     final: Path | None
     if job.temporary:
         files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
@@ -307,6 +383,7 @@ def finish_output(
     else:
         final = output.commit_partial(job.out_dir)
         files = sorted(p.name for p in final.iterdir())
+    settings.kill_point("renamed")
     # The marker only bridges a crash between the commit and here; a publish-only job
     # leaves nothing on this machine.
     output.forget_published(job.out_dir)
@@ -324,6 +401,8 @@ def already_finished(job: StartedJob) -> MergeResult:
     """The result of a job whose output already holds this very merge (and, publishing, is
     on the Hub): nothing is merged, written or uploaded again."""
     log.info("%s already holds this merge (plan %s): nothing to do", job.out_dir, job.plan_id)
+    # What a crash after the rename (or, publish-only, after the removal) left: done now.
+    output.forget_published(job.out_dir)
     return MergeResult(
         output_dir=None if job.temporary else job.out_dir.absolute(),
         engine=EngineReport(engine=job.spec.engine.name, extra={"already_finished": True}),
@@ -378,13 +457,19 @@ def describe_config_changes(job: PreparedJob) -> str:
 def input_records(job: PreparedJob, *, workers: int = 4) -> list[dict[str, Any]]:
     """The recipe's ``inputs``: each source with the sha256 of the files the merge reads
     (free for Hub inputs, whose cache names them by it; read for local ones)."""
-    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers)]
+    digest = job.digests.get  # shared with the stream engine's shard records: read once
+    inputs = [
+        recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers, digest=digest)
+    ]
     inputs += [
-        recipe.source_record("adapter", a, ADAPTER_PATTERNS, workers=workers) for a in job.adapters
+        recipe.source_record("adapter", a, ADAPTER_PATTERNS, workers=workers, digest=digest)
+        for a in job.adapters
     ]
     if job.config_from is not None:
         inputs.append(
-            recipe.source_record("config_from", job.config_from, CONFIG_PATTERNS, workers=workers)
+            recipe.source_record(
+                "config_from", job.config_from, CONFIG_PATTERNS, workers=workers, digest=digest
+            )
         )
     return inputs
 

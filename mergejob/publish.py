@@ -44,7 +44,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -512,6 +512,7 @@ class ShardUploader:
                 with self._lock:
                     self._hollowed.add(operation.path_in_repo)
             self.progress.advance(size, operation.path_in_repo)
+            settings.kill_point("uploaded-one")
             return operation
         except Exception as exc:
             log.warning(
@@ -620,7 +621,8 @@ def publish_folder(
     every file, deletes remote weight files the folder no longer has (a republish with fewer
     shards), and is checked afterwards: each file on the branch has the local file's
     checksum. With ``delete_uploaded``, the folder's ``*.safetensors`` files are removed
-    after the commit. A rerun after any failure uploads only what the Hub lacks.
+    after the commit. A rerun after any failure uploads only what the Hub lacks, and commits
+    nothing when the branch holds the folder already (a crash came after the commit).
     """
     started = time.monotonic()
     token = resolve_token(token)
@@ -641,30 +643,40 @@ def publish_folder(
         names = publishable_files(folder)
         if not names:
             raise InputError(f"{folder}: no files to publish (is it the merged model's folder?)")
-        submitted = uploader.submitted
-        for name in names:
-            path = folder / name
-            if name not in submitted and (
-                name.endswith(".safetensors") or path.stat().st_size >= PREUPLOAD_MIN_BYTES
-            ):
-                uploader.submit(path, path_in_repo=name)
-        uploaded = uploader.wait()
-        hollowed = uploader.hollowed
-        operations: list[CommitOperationAdd | CommitOperationDelete] = []
-        for name in names:
-            if name in uploaded:
-                operations.append(uploaded[name])
-            elif name in hollowed:  # cannot happen: a hollowed file was uploaded
-                raise PublishError(f"{folder / name}: freed after an upload that is not recorded")
-            else:
-                operations.append(_add(folder, name))
-        deleted = _stale_weight_files(api, target, names, token, retry)
-        operations += _deletions(deleted)
-        message = commit_message or f"Upload {folder.name} with mergejob"
-        oid, commit_url, pr_url = _commit(
-            api, target, operations, message, commit_description or "", token, retry
-        )
-        _check_published(api, target, folder, operations, oid, token, retry)
+        # A rerun after a crash that came after the commit: the branch holds this folder
+        # already, and a second, identical commit would only clutter its history.
+        held = None if target.create_pr else _branch_holds(api, target, folder, names, token)
+        if held is not None:
+            log.info("%s holds these files already (%s): nothing to commit", target.display, held)
+            oid, commit_url, pr_url, deleted = held, f"{target.url}/commit/{held}", None, []
+        else:
+            submitted = uploader.submitted
+            for name in names:
+                path = folder / name
+                if name not in submitted and (
+                    name.endswith(".safetensors") or path.stat().st_size >= PREUPLOAD_MIN_BYTES
+                ):
+                    uploader.submit(path, path_in_repo=name)
+            uploaded = uploader.wait()
+            hollowed = uploader.hollowed
+            operations: list[CommitOperationAdd | CommitOperationDelete] = []
+            for name in names:
+                if name in uploaded:
+                    operations.append(uploaded[name])
+                elif name in hollowed:  # cannot happen: a hollowed file was uploaded
+                    raise PublishError(
+                        f"{folder / name}: freed after an upload that is not recorded"
+                    )
+                else:
+                    operations.append(_add(folder, name))
+            deleted = _stale_weight_files(api, target, names, token, retry)
+            operations += _deletions(deleted)
+            message = commit_message or f"Upload {folder.name} with mergejob"
+            oid, commit_url, pr_url = _commit(
+                api, target, operations, message, commit_description or "", token, retry
+            )
+            settings.kill_point("committed")
+            _check_published(api, target, folder, operations, oid, token, retry)
         if delete_uploaded:
             for name in names:
                 if name.endswith(".safetensors"):
@@ -730,6 +742,11 @@ def _stale_weight_files(
         token,
         retry,
     )
+    return _stale_among(remote, names)
+
+
+def _stale_among(remote: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The top-level weight files of ``remote`` (repo paths) that ``names`` lacks."""
     keep = set(names)
     return sorted(
         path
@@ -738,6 +755,41 @@ def _stale_weight_files(
         and "/" not in path
         and any(fnmatch.fnmatch(path, p) for p in WEIGHT_PATTERNS)
     )
+
+
+def _branch_holds(
+    api: HfApi, target: HubTarget, folder: Path, names: list[str], token: str
+) -> str | None:
+    """The head commit of the target branch if it holds this folder already, else None:
+    every file at its path with the local content (the LFS sha256, or a small file's git
+    blob id, as :func:`_landed` compares after a lost reply) and no weight file the folder
+    lacks. Sizes first: a file is hashed (or its shard record read) only if all agree.
+    Anything the Hub cannot answer (no such branch yet) means: commit."""
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils.sha import git_hash
+
+    from mergejob.recipe import sha256_file
+
+    try:
+        head = api.repo_info(target.repo_id, revision=target.revision or "main", token=token).sha
+        if not head:
+            return None
+        tree = api.list_repo_tree(target.repo_id, revision=head, recursive=True, token=token)
+        remote = {entry.path: entry for entry in tree if isinstance(entry, RepoFile)}
+    except Exception:
+        return None
+    if _stale_among(remote, names) or not set(names) <= set(remote):
+        return None
+    if any(remote[name].size != (folder / name).stat().st_size for name in names):
+        return None
+    for name in names:
+        entry, path = remote[name], folder / name
+        if entry.lfs is not None:
+            if entry.lfs.sha256 != (_recorded_sha256(path) or sha256_file(path)):
+                return None
+        elif entry.blob_id != git_hash(path.read_bytes()):
+            return None
+    return str(head)
 
 
 def _commit(

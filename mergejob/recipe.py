@@ -3,8 +3,9 @@
 The file is a spec (base, adapters, output, engine, config, publish) resolved so that it
 names exactly what was merged: every Hub input pinned to the commit it was downloaded at,
 local inputs as absolute paths, the output dtype as chosen (never ``auto``). Below it, a
-``recipe:`` section records the sha256 of every input and output file, the engine, the
-versions of mergejob, torch, transformers, peft and friends, and the duration of each phase.
+``recipe:`` section records the sha256 of every input and output file (and each output's
+size), the engine, the versions of mergejob, torch, transformers, peft and friends, and the
+duration of each phase.
 ``mergejob run --config OUT/mergejob.yaml --output_dir OTHER`` reproduces the output byte for
 byte (the recipe itself differs only in its timings); spec loading drops the ``recipe:``
 section.
@@ -25,7 +26,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -100,11 +101,14 @@ def file_digests(
     *,
     known: Mapping[str, str] | None = None,
     workers: int = 4,
+    digest: Callable[[Path], str] | None = None,
 ) -> dict[str, str]:
     """``{file name: sha256}`` for ``names`` (default: every file) in ``folder``, sorted.
 
     ``known`` digests (the stream engine hashes every shard as it writes it) are trusted
-    and not recomputed; Hub cache files are named by their sha256 already.
+    and not recomputed; Hub cache files are named by their sha256 already. ``digest``
+    hashes one file instead of reading it here (a job's shared
+    :class:`~mergejob.io.digests.FileDigests`, so each input is read once).
     """
     folder = Path(folder)
     if names is None:
@@ -114,7 +118,11 @@ def file_digests(
 
     def one(name: str) -> str:
         path = folder / name
-        return known.get(name) or _known_sha256(path) or sha256_file(path)
+        if name in known:
+            return known[name]
+        if digest is not None:
+            return digest(path)
+        return _known_sha256(path) or sha256_file(path)
 
     if workers <= 1:  # no pool: safe on a daemon thread a failing job does not wait for
         return {name: one(name) for name in names}
@@ -155,7 +163,12 @@ def pinned_source(source: ResolvedSource, spec: Mapping[str, Any]) -> dict[str, 
 
 
 def source_record(
-    role: str, source: ResolvedSource, patterns: Iterable[str], *, workers: int = 4
+    role: str,
+    source: ResolvedSource,
+    patterns: Iterable[str],
+    *,
+    workers: int = 4,
+    digest: Callable[[Path], str] | None = None,
 ) -> dict[str, Any]:
     """What one input was: where it came from, at which commit, with its files' sha256."""
     record: dict[str, Any] = {"role": role, "source": source.spec.path}
@@ -166,7 +179,7 @@ def source_record(
     else:
         record["local_dir"] = str(Path(source.local_dir).absolute())
     names = input_files(source.local_dir, patterns)
-    record["files"] = file_digests(source.local_dir, names, workers=workers)
+    record["files"] = file_digests(source.local_dir, names, workers=workers, digest=digest)
     return record
 
 
@@ -182,6 +195,9 @@ def build_recipe(
     """The full ``mergejob.yaml`` document: the resolved spec and its ``recipe:`` record."""
     names = [n for n in _output_names(output_dir) if n != RECIPE_FILE]
     outputs = file_digests(output_dir, names, known=known_digests)
+    # Sizes too: a rerun takes the folder for finished when its files have them, without
+    # reading them again (mergejob.output.finished_recipe).
+    sizes = {name: (Path(output_dir) / name).stat().st_size for name in outputs}
     record = {
         "format": RECIPE_FORMAT,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -189,6 +205,7 @@ def build_recipe(
         "versions": versions(),
         "inputs": inputs,
         "outputs": outputs,
+        "sizes": sizes,
         "timings": dict(timings),
     }
     return {**spec, RECIPE_KEY: record}

@@ -10,6 +10,7 @@
 | ``JOB_COMPLETION_INDEX``, ``MERGEJOB_INDEX_COUNT`` | this pod's index and the number of indices of an Indexed Job |
 | ``KUBECONFIG``, ``KUBERNETES_SERVICE_HOST`` | the launcher's cluster (kubeconfig file, or in-cluster) |
 | ``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` | honoured through huggingface_hub |
+| ``MERGEJOB_TEST_KILL_AT`` | test hook only: the name of a :func:`kill_point` where the process SIGKILLs itself |
 
 And every file name mergejob writes or looks for (``RECIPE_FILE``, ``ADAPTER_WEIGHTS_FILE``...).
 """
@@ -17,6 +18,8 @@ And every file name mergejob writes or looks for (``RECIPE_FILE``, ``ADAPTER_WEI
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 from collections.abc import Mapping
 
@@ -31,6 +34,19 @@ CONFIG_ENV = "MERGEJOB_CONFIG"
 def config_path() -> str:
     """The spec file that ``mergejob run`` reads."""
     return os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_PATH)
+
+
+KILL_AT_ENV = "MERGEJOB_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """A test hook: SIGKILL this process here when ``MERGEJOB_TEST_KILL_AT`` names this point.
+
+    Called at the steps a crash can fall between (tests/test_kill_points.py kills a merge at
+    each and checks that a rerun finishes it); unset, as in every real job, it does nothing.
+    """
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def log_format() -> str:
@@ -69,6 +85,12 @@ def hub_token() -> str | None:
         with open(path, encoding="utf-8") as handle:
             token = handle.read().strip()
     except FileNotFoundError:
+        if looks_like_token(path):
+            # Never echo it: it is most likely the token itself, set in the wrong variable.
+            raise TokenError(
+                "HF_TOKEN_PATH is set but names no file (is it the token itself? put the token "
+                "in HF_TOKEN or in a file)"
+            ) from None
         raise TokenError(
             f"HF_TOKEN_PATH={path}: no such file; is the Secret holding the Hub token mounted?"
         ) from None
@@ -141,6 +163,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model
 # Beside and inside an output folder while a job runs.
 PARTIAL_SUFFIX = ".mergejob-partial"  # .NAME.mergejob-partial: the folder being written
 PUBLISHED_SUFFIX = ".mergejob-finalized.json"  # .NAME...: this plan is on the Hub already
+OLD_SUFFIX = ".mergejob-old"  # .NAME.mergejob-old: the replaced output, between two renames
 INDEXES_DIR = ".mergejob-indexes"  # in the partial folder: each finished index's marker
 # PEFT saves adapter tensors under the wrapped model's attribute path.
 PEFT_PREFIX = "base_model.model."
@@ -164,11 +187,22 @@ def index_variables(env: Mapping[str, str] | None = None) -> tuple[str, str]:
     return (env.get(INDEX_ENV) or "").strip(), (env.get(INDEX_COUNT_ENV) or "").strip()
 
 
+def looks_like_token(value: str) -> bool:
+    """Whether ``value`` (given where a file name is expected) looks like a token rather than
+    a path: ``hf_...``, or a long run of letters and digits with no folder and no dot."""
+    value = value.strip()
+    if "/" in value or os.sep in value or "." in value or os.path.exists(value):
+        return False
+    return value.startswith(("hf_", "api_org_")) or bool(re.fullmatch(r"[\w-]{30,}", value))
+
+
 def token_source() -> str:
     """Where the Hub token comes from, for messages (never the token itself)."""
     if os.environ.get("HF_TOKEN", "").strip():
         return "HF_TOKEN"
     path = os.environ.get("HF_TOKEN_PATH", "")
+    if path and looks_like_token(path):
+        return "HF_TOKEN_PATH (which names no file)"
     if path:
         return f"HF_TOKEN_PATH={path}"
     return "the huggingface_hub login (hf auth login)"
@@ -182,7 +216,9 @@ def known_secrets() -> list[str]:
     if token:
         secrets.append(token)
     path = os.environ.get("HF_TOKEN_PATH", "")
-    if path:
+    if path and looks_like_token(path):
+        secrets.append(path.strip())  # the token itself, set where its file belongs
+    elif path:
         try:
             with open(path, encoding="utf-8") as handle:
                 secrets.append(handle.read().strip())

@@ -302,6 +302,26 @@ class MergeSpec(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def repeated_adapters(spec: MergeSpec) -> list[str]:
+    """A line for each adapter the spec names more than once (the same local folder, or the
+    same Hub id at the same revision): merged twice, its delta counts twice."""
+    first: dict[tuple[str, str | None], int] = {}
+    lines: list[str] = []
+    for i, adapter in enumerate(spec.adapters):
+        path = adapter.path
+        key = (os.path.realpath(path), None) if os.path.exists(path) else (path, adapter.revision)
+        if key in first:
+            j = first[key]
+            lines.append(
+                f"adapters[{j}] and adapters[{i}] are the same adapter ({adapter.display()}): "
+                "it is merged twice and its delta counts twice; that is meant only with "
+                "weights (give it once with --weights, or weights that add up as intended)"
+            )
+        else:
+            first[key] = i
+    return lines
+
+
 # ---------------------------------------------------------------------------------------
 # Building a spec from layered sources
 
@@ -365,18 +385,27 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
 def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON spec file into a plain dict (not yet validated).
 
+    The file must be UTF-8 text (a UTF-16, Latin-1 or binary file is refused, naming the
+    encoding found), and no mapping may name a key twice: YAML and JSON loaders keep the last
+    value silently, which hides a typo'd override; the error names the key and both lines.
+
     A recipe (``mergejob.yaml`` in an output folder) is a spec plus a ``recipe:`` section
     of what was recorded; that section is dropped here, so a recipe reruns as a spec.
     """
     file = Path(path)
     try:
-        text = file.read_text()
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{file}: spec file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{file}: is a folder; give the spec file inside it") from None
     except OSError as exc:
         raise SpecError(f"{file}: cannot read the spec file ({exc.strerror})") from None
+    text = decode_text(raw, file, what="spec file")
     try:
-        data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        data = load_mapping_text(text, json_syntax=file.suffix == ".json")
+    except DuplicateKeyError as exc:
+        raise SpecError(f"{file}: {exc}") from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{file}: not valid YAML/JSON: {_one_line(exc)}") from None
     if data is None:
@@ -385,6 +414,88 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SpecError(f"{file}: the spec must be a mapping with keys base, adapters, output, ...")
     data.pop(RECIPE_KEY, None)
     return data
+
+
+def decode_text(raw: bytes, file: Path | str, *, what: str) -> str:
+    """``raw`` as UTF-8 text, or a :class:`SpecError` naming ``file`` and the encoding it
+    seems to have (UTF-16/32 by their byte-order mark or NUL bytes, binary, else a legacy
+    8-bit encoding such as Latin-1) and what to do."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors write one): still UTF-8
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or _looks_utf16(raw):
+            found = "UTF-16 text"
+        elif b"\x00" in raw:
+            found = "a binary file"
+        else:
+            found = f"not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}: Latin-1?)"
+        fix = "; give a YAML or JSON file" if found == "a binary file" else "; save it as UTF-8"
+        raise SpecError(f"{file}: the {what} is {found}{fix}") from None
+    if "\x00" in text:
+        found = "UTF-16 text" if _looks_utf16(raw) else "a binary file"
+        fix = "; save it as UTF-8" if found == "UTF-16 text" else "; give a YAML or JSON file"
+        raise SpecError(f"{file}: the {what} is {found}{fix}")
+    return text
+
+
+def _looks_utf16(raw: bytes) -> bool:
+    # ASCII text in UTF-16 without a byte-order mark: every other byte is NUL.
+    sample = raw[:200]
+    quarter = len(sample) // 4
+    return len(sample) >= 4 and (sample[1::2].count(0) > quarter or sample[0::2].count(0) > quarter)
+
+
+class DuplicateKeyError(ValueError):
+    """A mapping of a spec file names a key twice (the message names the key and lines)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming a key twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen and key != "<<":
+                raise DuplicateKeyError(
+                    f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    "keep one (the loader would silently use the last)"
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_mapping_text(text: str, *, json_syntax: bool = False) -> Any:
+    """Parse YAML (or JSON with ``json_syntax``) text, refusing a key given twice in one
+    mapping (:class:`DuplicateKeyError`, naming the key and both lines)."""
+    if not json_syntax:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                lines = [str(n) for n in _json_key_lines(text, key)]
+                shown = f"{', '.join(lines[:-1])} and {lines[-1]}" if len(lines) > 1 else ""
+                where = f" (lines {shown})" if shown else ""
+                raise DuplicateKeyError(
+                    f"key {key!r} is given twice{where}; keep one (the loader would silently "
+                    "use the last)"
+                )
+            result[key] = value
+        return result
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
+def _json_key_lines(text: str, key: str) -> list[int]:
+    """The lines where ``"key":`` appears: the JSON decoder keeps no positions of its keys."""
+    pattern = re.compile(re.escape(json.dumps(key)) + r"\s*:")
+    return [text.count("\n", 0, m.start()) + 1 for m in pattern.finditer(text)]
 
 
 # The section of ``mergejob.yaml`` that records how an output was made; not part of a spec.

@@ -519,3 +519,59 @@ def test_command_line_server(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------- the link
+
+
+def test_the_link_books_each_direction_on_its_own_line_and_both_on_the_shared_one() -> None:
+    from tests.support.hubserver.server import Link
+
+    link = Link()
+    link.download_bytes_per_second = 1_000_000.0
+    link.upload_bytes_per_second = 1_000_000.0
+    now = time.monotonic()
+    down = link.reserve("down", 500_000)
+    up = link.reserve("up", 500_000)
+    # Full duplex: an upload does not wait for a download, each takes its own 0.5 s.
+    assert down - now == pytest.approx(0.5, abs=0.05)
+    assert up - now == pytest.approx(0.5, abs=0.05)
+    # A second download queues behind the first on the same line.
+    assert link.reserve("down", 500_000) - now == pytest.approx(1.0, abs=0.05)
+    # With a shared limit too, both directions queue on it.
+    shared = Link()
+    shared.bytes_per_second = 1_000_000.0
+    now = time.monotonic()
+    shared.reserve("down", 500_000)
+    assert shared.reserve("up", 500_000) - now == pytest.approx(1.0, abs=0.05)
+
+
+def test_concurrent_downloads_share_the_download_rate(
+    alice: HfApi, hub_env: SeededHubServer
+) -> None:
+    import threading
+
+    alice.create_repo("alice/link")
+    blobs = {f"part-{i}.safetensors": os.urandom(400_000) for i in range(2)}
+    for name, data in blobs.items():
+        alice.upload_file(path_or_fileobj=data, path_in_repo=name, repo_id="alice/link")
+    hub_env.link.download_bytes_per_second = 1_000_000.0
+    hub_env.link.upload_bytes_per_second = 50_000.0  # slow uploads do not slow downloads
+    hub_env.clear_requests()
+    paths: list[str] = []
+
+    def fetch(name: str) -> None:
+        paths.append(hf_hub_download("alice/link", name, token=alice.token))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=fetch, args=(name,)) for name in blobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert sorted(Path(p).read_bytes() for p in paths) == sorted(blobs.values())
+    # 800 kB through one 1 MB/s line: 0.8 s however many connections carry it, less the
+    # last chunk of each (the server books a chunk's time after writing it: 50 kB, 0.05 s).
+    assert elapsed >= 0.65
+    assert sum(r.bytes_out for r in hub_env.requests if r.method == "GET") >= 800_000

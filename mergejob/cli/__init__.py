@@ -11,14 +11,17 @@ and ``schema`` start fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 
 from mergejob.cli import job, launch, merge
 from mergejob.cli.args import ArgumentParser
 from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, MergeJobError
-from mergejob.logs import hide_secrets, setup_logging
+from mergejob.logs import hide_secrets, quiet_library_bars, scrub_secrets, setup_logging
 
 __all__ = ["build_parser", "hf_main", "main"]
 
@@ -55,17 +58,73 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "mergejob") -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    quiet_library_bars()
     try:
         return int(args.func(args))
     except MergeJobError as exc:
-        print(f"mergejob: error: {exc}", file=sys.stderr)
+        print(f"mergejob: error: {scrub_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("mergejob: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as exc:
+        found = os_error_in(exc)
+        if found is not None:
+            code, message = describe_os_error(*found)
+            print(f"mergejob: error: {scrub_secrets(message)}", file=sys.stderr)
+            return code
         log.exception("mergejob: unexpected failure (worth a retry; report it if it repeats)")
         return EXIT_FAILURE
+
+
+# An OS error no check foresaw, by errno: (exit code, what to do). Bad input (2) is what the
+# same job on the same inputs and mounts meets again; ENOSPC is 1: a Job's retry may get a
+# fresh volume (an emptyDir, a new node's disk) where the output fits.
+_OS_ERRORS: dict[int, tuple[int, str]] = {
+    errno.EROFS: (EXIT_BAD_INPUT, "write the output (and the download cache) to a writable folder"),
+    errno.EACCES: (EXIT_BAD_INPUT, "give the job a folder it may write, or a file it may read"),
+    errno.EPERM: (EXIT_BAD_INPUT, "give the job a folder it may write, or a file it may read"),
+    errno.ELOOP: (EXIT_BAD_INPUT, "a symbolic link loops; point it at a real file"),
+    errno.ENAMETOOLONG: (EXIT_BAD_INPUT, "use a shorter path"),
+    errno.EFBIG: (
+        EXIT_BAD_INPUT,
+        "a file outgrew this process's file-size limit (ulimit -f) or the filesystem's; raise "
+        "the limit or pass a smaller --max-shard-size",
+    ),
+    errno.ENOSPC: (
+        EXIT_FAILURE,
+        "free space or give the job a larger volume (--cache-size, --cache-pvc); worth a "
+        "retry where the job gets a fresh volume",
+    ),
+    errno.EDQUOT: (EXIT_FAILURE, "free space or raise the quota; then rerun"),
+}
+# A Rust library's I/O error (safetensors): "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_in(exc: BaseException) -> tuple[int, str | None] | None:
+    """The errno (and file, if known) of the OS error behind ``exc``: ``exc`` itself, an
+    error it was raised from, or a library error that quotes one ("(os error 28)")."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            filename = current.filename
+            return current.errno, None if filename is None else os.fsdecode(filename)
+        match = _RUST_OS_ERROR.search(str(current))
+        if match:
+            return int(match.group(1)), None
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def describe_os_error(number: int, filename: str | None) -> tuple[int, str]:
+    """The exit code and the one line for an OS error ``number`` on ``filename``."""
+    code, advice = _OS_ERRORS.get(number, (EXIT_FAILURE, "worth a retry; report it if it repeats"))
+    name = errno.errorcode.get(number, f"errno {number}")
+    where = f"{filename}: " if filename else ""
+    return code, f"{where}{os.strerror(number).lower()} ({name}); {advice}"
 
 
 def hf_main(argv: Sequence[str] | None = None) -> int:

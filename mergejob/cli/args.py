@@ -10,6 +10,7 @@ other module of it.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,20 @@ from mergejob.launch.manifests import (
     Toleration,
     default_image,
 )
-from mergejob.spec import DTYPES, ENGINES, MergeSpec, build_spec, load_spec_file, parse_assignment
+from mergejob.spec import (
+    DTYPES,
+    ENGINES,
+    DuplicateKeyError,
+    MergeSpec,
+    build_spec,
+    decode_text,
+    load_mapping_text,
+    load_spec_file,
+    parse_assignment,
+    repeated_adapters,
+)
+
+log = logging.getLogger("mergejob")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -67,6 +81,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
         "--peft_model_paths", "--peft-model-paths", "--adapters",
         dest="adapters", nargs="+", metavar="ID_OR_PATH",
         help="adapters to merge, in order: local folders or Hub ids[@revision]",
+    )  # fmt: skip
+    job.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per adapter, in order (default 1.0 each; stream engine): a "
+        "multiplier of its delta, negative to subtract it",
     )  # fmt: skip
     job.add_argument(
         "--output_dir", "--output-dir", dest="output_dir", metavar="DIR",
@@ -256,7 +275,26 @@ def spec_from_args(
     ):
         raise SpecError("--peft_model_paths: required (or give --config SPEC)")
     all_labels = {**(labels or {}), **flag_labels(flags)}
-    return build_spec(file_data, *layers, flags, origin=config or "flags", labels=all_labels)
+    spec = build_spec(file_data, *layers, flags, origin=config or "flags", labels=all_labels)
+    weights = getattr(args, "weights", None)
+    if weights is not None:
+        spec = with_weights(spec, weights)
+    for line in repeated_adapters(spec):
+        log.warning(line)
+    return spec
+
+
+def with_weights(spec: MergeSpec, weights: Sequence[float]) -> MergeSpec:
+    """``spec`` with ``--weights``: one per adapter, in order, whichever layer named them."""
+    if len(weights) != len(spec.adapters):
+        raise SpecError(
+            f"--weights: {len(weights)} weight(s) for {len(spec.adapters)} adapter(s); give "
+            "one per adapter, in the adapters' order"
+        )
+    data = spec.to_dict()
+    for entry, weight in zip(data["adapters"], weights, strict=True):
+        entry["weight"] = weight
+    return build_spec(data, origin="--weights", labels={"adapters": "--weights"})
 
 
 def _layers_have(layers: Sequence[Mapping[str, Any]], key: str) -> bool:
@@ -455,11 +493,14 @@ def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
 
 def _read_mapping(path: str, flag: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise SpecError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{flag} {path}: not valid YAML/JSON ({exc})") from None
+    try:
+        data = load_mapping_text(decode_text(raw, f"{flag} {path}", what="file"))
+    except (yaml.YAMLError, DuplicateKeyError) as exc:
+        reason = " ".join(str(exc).split())
+        raise SpecError(f"{flag} {path}: not valid YAML/JSON ({reason})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{flag} {path}: must hold a mapping")
     return data

@@ -17,8 +17,8 @@ from typing import Any, cast
 import torch
 
 from mergejob import model_config, settings
-from mergejob.adapter_config import read_adapter_config
-from mergejob.errors import SpecError
+from mergejob.adapter_config import adapter_weights_path, read_adapter_config
+from mergejob.errors import AdapterError, SpecError
 from mergejob.io.headers import read_tensors
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.sources import ResolvedSource
@@ -78,6 +78,8 @@ def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
                     "an offloaded model (accelerate has no offload entry for its magnitude "
                     "vector); use the stream engine, which needs about one shard of memory"
                 )
+    for resolved in job.adapters:
+        check_adapter_finite(resolved.local_dir)
     try:
         _merge_all(job, out_dir, load_kwargs)
     finally:
@@ -85,6 +87,22 @@ def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
             for staged in Path(offload).glob("mergejob-*"):
                 shutil.rmtree(staged, ignore_errors=True)
     return EngineReport(engine="peft")
+
+
+def check_adapter_finite(adapter_dir: Path) -> None:
+    """Refuse an adapter whose tensors hold NaN or inf before anything is merged (PEFT would
+    merge them into the weights), naming the file and the tensor: bad input, exit 2."""
+    from safetensors import safe_open
+
+    path = adapter_weights_path(adapter_dir)
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            tensor = handle.get_tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(
+                    f"{path}: tensor {name} holds NaN or inf; the adapter is broken (a "
+                    "diverged training run?): retrain or re-save it; nothing was written"
+                )
 
 
 def _merge_all(job: PreparedJob, out_dir: Path, load_kwargs: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergejob.engines.worker import WorkerReport, cpu_threads, run_worker
+from mergejob.engines.worker import InputsCallback, WorkerReport, cpu_threads, run_worker
 from mergejob.errors import MergeFailedError, MergeJobError
 from mergejob.io.shards import assign_shards
 from mergejob.plan.work import Plan
@@ -64,10 +64,13 @@ def run_shares(
     *,
     on_shard_done: ShardCallback | None = None,
     progress: ProgressCallback | None = None,
+    inputs_of: InputsCallback | None = None,
 ) -> list[WorkerReport]:
     """Write every share's shards into ``partial_dir``: in this process for one share, in
     one spawned process per share otherwise. ``on_shard_done`` gets each finished shard as
-    soon as its worker reports it; ``progress`` output bytes as they are written."""
+    soon as its worker reports it; ``progress`` output bytes as they are written.
+    ``inputs_of`` (the input files' sha256 for a shard's record) is used in this process
+    only: a spawned worker's records get them from ``on_shard_done``'s caller."""
     if len(shares) == 1:
         share = shares[0]
         return [
@@ -78,6 +81,7 @@ def run_shares(
                 shards=share.shards,
                 on_shard_done=on_shard_done,
                 progress=progress,
+                inputs_of=inputs_of,
             )
         ]
     return _run_processes(plan, Path(partial_dir), list(shares), on_shard_done, progress)

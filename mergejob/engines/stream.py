@@ -36,8 +36,10 @@ from typing import Any
 
 from mergejob import logs, output, settings
 from mergejob.engines.pool import run_shares, split_shares
+from mergejob.engines.shard_inputs import ShardInputs, drop_stale_records
 from mergejob.engines.worker import WorkerReport, worker_devices
 from mergejob.errors import MergeFailedError
+from mergejob.io.digests import FileDigests
 from mergejob.io.shards import RECORDS_DIR, ShardRecord, read_record, record_holds
 from mergejob.io.writer import write_index
 from mergejob.job import EngineReport, PreparedJob
@@ -119,9 +121,11 @@ def merge_plan(
     device: str = "cpu",
     on_shard_done: ShardCallback | None = None,
     keep_records: bool = False,
+    digests: FileDigests | None = None,
 ) -> EngineReport:
     """Run every worker of ``plan`` here (processes over shards, or one per GPU), then
-    :func:`finalize`. Finished shards of an earlier, interrupted run of the same plan are kept.
+    :func:`finalize`. Finished shards of an earlier, interrupted run of the same plan are kept
+    if their inputs are the same bytes (``digests``: the job's, shared with its recipe).
     ``keep_records``: leave the shard records for the caller to remove once the folder is in
     place (so that a rerun after a later step failed, a publish say, merges nothing again).
     """
@@ -143,8 +147,14 @@ def merge_plan(
         ", ".join(sorted(set(devices))),
     )
     reports = write_shards(
-        plan, partial_dir, range(len(plan.shards)), devices=devices, on_shard_done=on_shard_done
+        plan,
+        partial_dir,
+        range(len(plan.shards)),
+        devices=devices,
+        on_shard_done=on_shard_done,
+        digests=digests,
     )
+    settings.kill_point("shards-written")
     records = finalize(plan, partial_dir, verify_checksums=False, keep_records=keep_records)
     merged = sum(len(r.merged) for r in reports)
     resumed = sum(len(r.resumed) for r in reports)
@@ -169,24 +179,36 @@ def write_shards(
     devices: Sequence[str],
     on_shard_done: ShardCallback | None = None,
     log_shards: bool = True,
+    digests: FileDigests | None = None,
 ) -> list[WorkerReport]:
     """Write ``shards`` (positions in the plan) into ``partial_dir`` with one worker per
     entry of ``devices`` (:mod:`mergejob.engines.pool`), shards split between them by bytes;
-    a bar over their bytes on a terminal, else a log line per shard (``log_shards``)."""
+    a bar over their bytes on a terminal, else a log line per shard (``log_shards``).
+
+    A shard an earlier run finished is kept only if its record's inputs are these bytes
+    (:mod:`mergejob.engines.shard_inputs`); every record written carries them. ``digests``:
+    the job's sha256 of its input files (one is made if not given)."""
     shards = list(shards)
+    partial_dir = Path(partial_dir)
+    inputs = ShardInputs(plan, partial_dir, digests if digests is not None else FileDigests())
+    drop_stale_records(plan, partial_dir, shards, inputs.digests)
+    inputs.start(shards)
     with _Progress(plan, shards, log_shards=log_shards) as progress:
 
         def done(path: Path) -> None:
+            inputs.seal(path.name)  # a spawned worker's record: its inputs' sha256 now
             progress.shard_done(path)
             if on_shard_done:
                 on_shard_done(path)
+            settings.kill_point("shard-done")
 
         return run_shares(
             plan,
-            Path(partial_dir),
+            partial_dir,
             split_shares(shards, plan.shard_sizes(), list(devices)),
             on_shard_done=done,
             progress=progress.update,
+            inputs_of=inputs.of,
         )
 
 
@@ -229,6 +251,7 @@ def merge_with_stream(
         device=job.spec.engine.device,
         on_shard_done=on_shard_done,
         keep_records=True,
+        digests=job.digests,
     )
 
 

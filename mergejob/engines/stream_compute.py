@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergejob.errors import MergeFailedError
+from mergejob.errors import AdapterError, MergeFailedError
 from mergejob.io.headers import TensorRef
 from mergejob.io.reader import FileReader, byte_view
 from mergejob.plan.cost import CHUNK_BYTES, COPY_BYTES
@@ -156,6 +156,9 @@ class TensorComputer:
         cached = self._factors.get(key)
         if cached is None:
             cached = self.reader.tensor(ref).to(device=self.device, dtype=torch.float32)
+            # Factors are small: checking them here costs nothing and names the bad tensor,
+            # where a NaN found in the merged weight could only name the output tensor.
+            check_finite(cached, ref)
             self._factors[key] = cached
         return cached
 
@@ -257,7 +260,9 @@ class TensorComputer:
     def _apply(self, op: TensorOp, w32: torch.Tensor, row0: int, row1: int, cols: int) -> None:
         if op.kind == "replace":
             assert op.source is not None
-            w32.copy_(self._read_rows(op.source, row0, row1, cols))
+            rows = self._read_rows(op.source, row0, row1, cols)
+            check_finite(rows, op.source)
+            w32.copy_(rows)
             return
         assert op.a is not None and op.b is not None
         a, b = self._factor(op.a), self._factor(op.b)
@@ -277,6 +282,16 @@ class TensorComputer:
             torch.mm(b[row0:row1], a, out=delta)
             delta.mul_(op.coef)
             w32.add_(delta)
+
+
+def check_finite(tensor: torch.Tensor, ref: TensorRef) -> None:
+    """Refuse an adapter tensor holding NaN or inf (bad input: a retry reads the same bytes),
+    naming its file and tensor."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(
+            f"{ref.path}: tensor {ref.name} holds NaN or inf; the adapter is broken (a "
+            "diverged training run?): retrain or re-save it; nothing was written"
+        )
 
 
 def _itemsize(dtype: torch.dtype) -> int:

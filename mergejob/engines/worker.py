@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mergejob import settings
 from mergejob.engines.stream_compute import TensorComputer
 from mergejob.errors import SpecError
 from mergejob.io.shards import (
@@ -30,6 +31,8 @@ from mergejob.plan.work import Plan
 
 ShardCallback = Callable[[Path], None]
 ProgressCallback = Callable[[int], None]
+# The sha256 of the input files a shard read ({label: sha256}), for its record.
+InputsCallback = Callable[[int], Mapping[str, str]]
 
 
 @dataclass
@@ -53,6 +56,7 @@ def run_worker(
     progress: ProgressCallback | None = None,
     threads: int | None = None,
     shards: Sequence[int] | None = None,
+    inputs_of: InputsCallback | None = None,
 ) -> WorkerReport:
     """Write the output shards of worker ``index`` of ``count`` into ``partial_dir``.
 
@@ -63,7 +67,9 @@ def run_worker(
     cores); each runs torch single-threaded (coarse blocks in threads beat torch's own
     threads, whose per-op synchronisation costs more than it brings on small machines). ``shards`` overrides
     the assignment with an explicit list of shard indices (a pod's share split among its
-    GPUs: see :mod:`mergejob.indexed`).
+    GPUs: see :mod:`mergejob.indexed`). ``inputs_of(shard)`` gives the sha256 of the input
+    files a shard read, written into its record with it (without it, records carry none:
+    :func:`mergejob.engines.stream.write_shards`, which checks them on a rerun, adds them).
 
     Example (pod ``i`` of an Indexed Job of ``n`` pods, on shared storage)::
 
@@ -77,7 +83,7 @@ def run_worker(
     lanes = threads if threads is not None else cpu_threads(1)
     computer = TensorComputer(device, lanes=lanes)
     with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
-        _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress)
+        _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress, inputs_of)
     return report
 
 
@@ -89,6 +95,7 @@ def _run_shards(
     report: WorkerReport,
     on_shard_done: ShardCallback | None,
     progress: ProgressCallback | None,
+    inputs_of: InputsCallback | None = None,
 ) -> None:
     try:
         for i in mine:
@@ -101,6 +108,9 @@ def _run_shards(
                     progress(shard.nbytes)
             else:
                 record = write_shard(plan, i, partial_dir, computer, progress=progress)
+                if inputs_of is not None:  # with the record, at once: no window without them
+                    record = record.with_inputs(inputs_of(i))
+                settings.kill_point("shard-before-record")
                 write_record(partial_dir, record)
                 report.merged.append(shard.name)
                 report.records.append(record)
@@ -130,6 +140,7 @@ def write_shard(
                 writer.submit(chunk.data, chunk.slot)
                 if progress:
                     progress(len(chunk.data))
+            settings.kill_point("mid-shard")
         size, sha256 = writer.close()
     except BaseException:
         writer.abort()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mergejob import settings
@@ -76,15 +76,28 @@ def assign_shards(shard_sizes: Sequence[int], workers: int) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """Proof that an output shard is finished: its name, size and sha256, for one plan."""
+    """Proof that an output shard is finished: its name, size and sha256, for one plan, and
+    the sha256 of every input file it was made from (``inputs``: label -> sha256, labels as
+    :meth:`mergejob.plan.work.Plan.shard_inputs` gives them; empty until they are known).
+
+    The plan id names inputs by name, size and mtime only; ``inputs`` ties the shard to
+    their bytes, so a rerun redoes a shard whose inputs changed in place.
+    """
 
     name: str
     size: int
     sha256: str
     plan_id: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        data["inputs"] = dict(self.inputs)
+        return json.dumps(data, sort_keys=True)
+
+    def with_inputs(self, inputs: Mapping[str, str]) -> ShardRecord:
+        """This record with the sha256 of its shard's input files."""
+        return ShardRecord(self.name, self.size, self.sha256, self.plan_id, dict(inputs))
 
 
 def record_path(partial_dir: Path, name: str) -> Path:
@@ -101,6 +114,11 @@ def write_record(partial_dir: Path, record: ShardRecord) -> Path:
     return path
 
 
+def drop_record(partial_dir: Path, name: str) -> None:
+    """Forget that shard ``name`` is finished: the next run merges it again."""
+    record_path(partial_dir, name).unlink(missing_ok=True)
+
+
 def read_record(partial_dir: Path, name: str) -> ShardRecord | None:
     """The record of shard ``name``, or None if there is none (or it is unreadable)."""
     path = record_path(partial_dir, name)
@@ -111,6 +129,7 @@ def read_record(partial_dir: Path, name: str) -> ShardRecord | None:
             size=int(data["size"]),
             sha256=str(data["sha256"]),
             plan_id=str(data["plan_id"]),
+            inputs={str(k): str(v) for k, v in dict(data.get("inputs") or {}).items()},
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

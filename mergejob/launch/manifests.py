@@ -127,6 +127,20 @@ def _quantity(value: str | None) -> str | None:
     return value
 
 
+def _refuse_secrets(values: dict[str, str], what: str) -> None:
+    """Refuse a value that holds the Hub token (``HF_TOKEN`` or the file ``HF_TOKEN_PATH``
+    names), whatever its key: it would be written in clear into the Job for anyone who can
+    read it. The message names the key, never the value."""
+    secrets = settings.known_secrets()
+    for key, item in values.items():
+        if any(secret in item for secret in secrets):
+            raise ValueError(
+                f"{key}: the value holds the Hub token, which is never written into {what} of "
+                "the Job (anyone who can read the Job would see it); put it in a Secret and "
+                "name it with --secret"
+            )
+
+
 class LaunchOptions(BaseModel):
     """How the job runs on the cluster; the spec says what it does.
 
@@ -193,6 +207,7 @@ class LaunchOptions(BaseModel):
     @field_validator("node_selector", "labels")
     @classmethod
     def _label_map(cls, value: dict[str, str]) -> dict[str, str]:
+        _refuse_secrets(value, "a label")
         for key, item in value.items():
             if not _LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
                 raise ValueError(f"{key!r} is not a valid label key")
@@ -203,6 +218,7 @@ class LaunchOptions(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        _refuse_secrets(value, "an environment variable")
         for key in value:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name")

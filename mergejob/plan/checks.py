@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from typing import Any
 
 from mergejob import model_config, settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.errors import IncompatibleAdapterError, InputError, ModelError, listing
+from mergejob.errors import IncompatibleAdapterError, InputError, ModelError, SpecError, listing
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import read_tensors
-from mergejob.spec import MergeSpec
+from mergejob.sources import looks_like_repo_id
+from mergejob.spec import MergeSpec, SourceSpec
 
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -91,6 +93,57 @@ def check_job(
             spec, base_dir, adapter_dirs, config_from_dir, config_from_name=config_from_name
         )
     return checked
+
+
+def input_folders(spec: MergeSpec) -> list[tuple[str, Path]]:
+    """Every folder the job reads, named for messages: the local sources, the offload folder,
+    and the Hub cache where any source comes from the Hub (``HF_HUB_CACHE``). A source that
+    is neither a folder nor a repo id is left out (resolving it fails with its own message)."""
+    sources: list[tuple[str, SourceSpec]] = [("the base model", spec.base)]
+    sources += [("the adapter", adapter) for adapter in spec.adapters]
+    if spec.config.config_from is not None:
+        sources.append(("config_from", spec.config.config_from))
+    found: list[tuple[str, Path]] = []
+    hub: list[str] = []
+    for role, source in sources:
+        local = Path(source.path).expanduser()
+        if local.exists():
+            found.append((f"{role} {source.path}", local))
+        elif looks_like_repo_id(source.path):
+            hub.append(source.path)
+    if spec.engine.offload_folder:
+        folder = spec.engine.offload_folder
+        found.append((f"engine.offload_folder {folder}", Path(folder).expanduser()))
+    if hub:
+        from huggingface_hub import constants
+
+        cache = constants.HF_HUB_CACHE
+        found.append((f"the Hub cache {cache} (holding {', '.join(hub)})", Path(cache)))
+    return found
+
+
+def check_output_apart(spec: MergeSpec, output_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse an output folder that is, contains or lies inside any input folder (compared
+    as real paths: symlinks and ``..`` resolved), whatever the flags: the output is replaced
+    as a whole when written (``--overwrite`` too), which would delete the input."""
+    if output_dir is None:
+        return
+    out = Path(os.path.realpath(Path(output_dir).expanduser()))
+    for label, folder in input_folders(spec):
+        inside = Path(os.path.realpath(folder))
+        if out == inside:
+            relation = "is"
+        elif inside in out.parents:
+            relation = "lies inside"
+        elif out in inside.parents:
+            relation = "contains"
+        else:
+            continue
+        raise SpecError(
+            f"--output_dir {output_dir}: {relation} {label}; the output folder is replaced as a "
+            "whole when written, which would delete that input: choose a folder apart from "
+            "every input"
+        )
 
 
 def output_dtype(spec: MergeSpec, index: CheckpointIndex, base_dir: Path) -> str:

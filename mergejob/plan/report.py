@@ -33,12 +33,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergejob import settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, MergeJobError
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.header_view import header_view
 from mergejob.io.headers import file_size, hub_headers
-from mergejob.plan.checks import Problems, check_lora_shapes, check_output_config, output_dtype
+from mergejob.plan.checks import (
+    Problems,
+    check_lora_shapes,
+    check_output_apart,
+    check_output_config,
+    output_dtype,
+)
 from mergejob.plan.cost import (
     THROUGHPUT,
     JobSizes,
@@ -223,6 +230,10 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
         output_dtype=None,
         strict=strict,
     )
+    apart = Problems(collect=True)
+    with apart.check():  # the one check of the output folder a merge makes before any read
+        check_output_apart(spec, spec.output.dir)
+    report.problems += apart.found
     base = resolve_source(spec.base, role="base model", patterns=BASE_SMALL_PATTERNS, token=token)
     adapters = [
         resolve_source(a, role="adapter", patterns=ADAPTER_PATTERNS, token=token)
@@ -276,6 +287,15 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
+def _model_type(base_dir: Path) -> str | None:
+    """The base's model_type (for adapters with ``target_modules: null``), None if unread."""
+    with suppress(OSError, ValueError):
+        config = json.loads((Path(base_dir) / settings.CONFIG_FILE).read_text())
+        if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+            return str(config["model_type"])
+    return None
+
+
 def _summarise_adapter(adapter_dir: Path, source: str, weight: float) -> AdapterSummary:
     config = read_adapter_config(adapter_dir)
     method = str(config.get("peft_type", "LORA")).upper()
@@ -316,6 +336,7 @@ def _fill(
 
     usable: list[tuple[Path, float]] = []
     usable_index: dict[Path, int] = {}
+    model_type = _model_type(view_dir)
     for position, (adapter_dir, adapter) in enumerate(
         zip(adapter_dirs, spec.adapters, strict=True)
     ):
@@ -332,7 +353,7 @@ def _fill(
             )
             continue
         try:
-            factors = read_adapter(adapter_dir, weight=adapter.weight)
+            factors = read_adapter(adapter_dir, weight=adapter.weight, model_type=model_type)
         except UnsupportedAdapterError as exc:
             if spec.engine.name == "stream":
                 report.problems.append(f"unsupported by the stream engine: {exc}")
@@ -496,13 +517,56 @@ def _check_config(
 # Estimates
 
 
-def _free_bytes(path: Path) -> int | None:
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest folder that exists (where it would be created)."""
     probe = Path(path).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe
+
+
+def _free_bytes(path: Path) -> int | None:
     with suppress(OSError):
-        return shutil.disk_usage(probe).free
+        return shutil.disk_usage(_existing(path)).free
     return None
+
+
+def _check_disk(report: PlanReport, spec: MergeSpec, offload_bytes: int) -> None:
+    """Free space where the job writes (the output, the download cache, the offload folder):
+    a filesystem that cannot hold what the job writes there is a problem (the merge would
+    fail with ENOSPC after hours), with the figures. Places on one filesystem add up."""
+    places: list[tuple[str, str, Path, int]] = []  # (label, shown as, path, bytes)
+    if spec.output.dir:
+        places.append(("output", spec.output.dir, Path(spec.output.dir), report.output_bytes))
+    if report.download_bytes:
+        from huggingface_hub import constants
+
+        cache = constants.HF_HUB_CACHE
+        places.append(("cache", cache, Path(cache), report.download_bytes))
+    if offload_bytes and spec.engine.offload_folder:
+        folder = spec.engine.offload_folder
+        places.append(("offload", folder, Path(folder), offload_bytes))
+    by_device: dict[int, list[tuple[str, str, Path, int]]] = {}
+    for place in places:
+        try:
+            device = _existing(place[2]).stat().st_dev
+        except OSError:
+            continue
+        by_device.setdefault(device, []).append(place)
+    for group in by_device.values():
+        free = _free_bytes(group[0][2])
+        if free is None:
+            continue
+        for label, _, _, _ in group:
+            report.disk["free"][label] = free
+        needed = sum(place[3] for place in group)
+        if free < needed:
+            what = " + ".join(f"{_size(n)} {label}" for label, _, _, n in group)
+            where = ", ".join(shown for _, shown, _, _ in group)
+            report.problems.append(
+                f"{where}: {_size(free)} free, the job writes {_size(needed)} there ({what}); "
+                "free space or choose a folder on a larger disk"
+            )
 
 
 def _estimate(
@@ -521,25 +585,7 @@ def _estimate(
         "needed_bytes": out_bytes + report.download_bytes + offload,
         "free": {},
     }
-    if spec.output.dir:
-        free = _free_bytes(Path(spec.output.dir))
-        if free is not None:
-            report.disk["free"]["output"] = free
-            if free < out_bytes:
-                report.notices.append(
-                    f"{spec.output.dir}: {_size(free)} free, the output needs {_size(out_bytes)}"
-                )
-    if report.download_bytes:
-        from huggingface_hub import constants
-
-        free = _free_bytes(Path(constants.HF_HUB_CACHE))
-        if free is not None:
-            report.disk["free"]["cache"] = free
-            if free < report.download_bytes:
-                report.notices.append(
-                    f"{constants.HF_HUB_CACHE}: {_size(free)} free, the download needs "
-                    f"{_size(report.download_bytes)}"
-                )
+    _check_disk(report, spec, offload)
     report.memory = [
         stream_memory(plan, spec.engine.workers, spec.engine.device, out_bytes),
         peft_memory(out_bytes, spec, _adapter_bytes(adapters)),

@@ -185,6 +185,37 @@ class Plan:
     def shard_sizes(self) -> list[int]:
         return [shard.nbytes for shard in self.shards]
 
+    def shard_inputs(self, index: int) -> dict[str, str]:
+        """The input files shard ``index`` reads, as ``{label: path}``.
+
+        A label names a file the same way on every machine (``base/NAME`` or
+        ``adapter<i>/NAME``, never a local path): the shard records carry the sha256 of
+        each under its label.
+        """
+        owners = {str(Path(self.base_dir)): "base"}
+        for i, adapter in enumerate(self.adapters):
+            owners.setdefault(str(Path(adapter.path)), f"adapter{i}")
+        found: dict[str, str] = {}
+        for path in _tensor_inputs(self.shards[index].tensors):
+            where = Path(path)
+            owner = owners.get(str(where.parent))
+            found[f"{owner}/{where.name}" if owner else path] = path
+        return dict(sorted(found.items()))
+
+    def input_order(self, shards: Sequence[int]) -> list[str]:
+        """The input files of ``shards``, in the order the merge first reads them (the
+        adapters, small and read by most shards, first)."""
+        adapters = [str(Path(a.path)) for a in self.adapters]
+        order: dict[str, None] = {}
+        for i in shards:
+            for path in _tensor_inputs(self.shards[i].tensors):
+                if str(Path(path).parent) in adapters:
+                    order.setdefault(path)
+        for i in shards:
+            for path in _tensor_inputs(self.shards[i].tensors):
+                order.setdefault(path)
+        return list(order)
+
     def shard_named(self, name: str) -> OutputShard:
         for shard in self.shards:
             if shard.name == name:
@@ -252,7 +283,8 @@ def build_plan(
     base: dict[str, TensorRef] = dict(CheckpointIndex.from_folder(base_dir).tensors)
     if output_dtype is not None and output_dtype not in FLOAT_DTYPES:
         raise ModelError(f"output dtype {output_dtype}: not a floating-point dtype")
-    factors = [read_adapter(path, weight=weight) for path, weight in adapters]
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    factors = [read_adapter(p, weight=w, model_type=model_type) for p, w in adapters]
     for ask_transformers in (False, True):
         layout = embedding_layout(
             base_dir,
@@ -603,16 +635,21 @@ def file_identity(path: str) -> str:
     return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _input_identities(tensors: Sequence[OutputTensor]) -> dict[str, str]:
-    paths: set[str] = set()
+def _tensor_inputs(tensors: Sequence[OutputTensor]) -> list[str]:
+    """The files ``tensors`` read, in the order they first read them."""
+    paths: dict[str, None] = {}
     for tensor in tensors:
         if tensor.source is not None:
-            paths.add(tensor.source.path)
+            paths.setdefault(tensor.source.path)
         for op in tensor.ops:
             for ref in (op.source, op.a, op.b, op.magnitude):
                 if ref is not None:
-                    paths.add(ref.path)
-    return {path: file_identity(path) for path in sorted(paths)}
+                    paths.setdefault(ref.path)
+    return list(paths)
+
+
+def _input_identities(tensors: Sequence[OutputTensor]) -> dict[str, str]:
+    return {path: file_identity(path) for path in sorted(_tensor_inputs(tensors))}
 
 
 def _ref_id(ref: TensorRef | None, identities: Mapping[str, str]) -> Any:
@@ -689,12 +726,16 @@ def plan_for_job(job: Any) -> Plan:
     )
 
 
-def _folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+def _folder_stamp(folder: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+    # The change time and inode too: a file rewritten in place with its old size and mtime
+    # (os.utime) has a new ctime, which no one can set back.
     entries = []
     for path in sorted(folder.iterdir()):
         if path.is_file():
             stat = path.stat()
-            entries.append((path.name, stat.st_size, stat.st_mtime_ns))
+            entries.append(
+                (path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+            )
     return tuple(entries)
 
 

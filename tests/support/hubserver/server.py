@@ -151,25 +151,81 @@ class _Dropped(Exception):
     """The connection is to be cut (injected fault, or the client went away)."""
 
 
-class _Throttle:
-    """Holds a transfer to `bytes_per_second` (None: no limit)."""
+class Link:
+    """The server's network link, shared by every request in flight: a full-duplex line
+    with its own rate each way (`download_bytes_per_second`: replies, `upload_...`:
+    request bodies) and, optionally, one rate for both together (`bytes_per_second`: a
+    half-duplex line). None: no limit. Settable at any time.
 
-    def __init__(self, bytes_per_second: float | None) -> None:
+    Each chunk reserves its transmission time on the line (and on the shared total), so
+    concurrent transfers divide the rate between them as they would on a real link.
+    """
+
+    def __init__(self) -> None:
+        self.download_bytes_per_second: float | None = None
+        self.upload_bytes_per_second: float | None = None
+        self.bytes_per_second: float | None = None
+        self._lock = threading.Lock()
+        self._free_at = {"down": 0.0, "up": 0.0, "both": 0.0}
+
+    def rate(self, direction: str) -> float | None:
+        return (
+            self.download_bytes_per_second
+            if direction == "down"
+            else (self.upload_bytes_per_second)
+        )
+
+    def limited(self) -> bool:
+        return bool(self.download_bytes_per_second or self.upload_bytes_per_second
+                    or self.bytes_per_second)  # fmt: skip
+
+    def reserve(self, direction: str, n: int) -> float:
+        """Book ``n`` bytes on the line; returns when (monotonic) they have gone through."""
+        now = time.monotonic()
+        done = now
+        with self._lock:
+            for key, rate in ((direction, self.rate(direction)), ("both", self.bytes_per_second)):
+                if rate:
+                    start = max(now, self._free_at[key])
+                    self._free_at[key] = start + n / rate
+                    done = max(done, self._free_at[key])
+        return done
+
+
+class _Throttle:
+    """Holds one transfer to `bytes_per_second` (None: no limit) and to the server's shared
+    `link`, in `direction` ("down": a reply, "up": a request body)."""
+
+    def __init__(
+        self, bytes_per_second: float | None, link: Link | None = None, direction: str = "down"
+    ) -> None:
         self.rate = bytes_per_second
+        self.link = link
+        self.direction = direction
         self.start = time.monotonic()
         self.done = 0
 
     def chunk_size(self) -> int:
-        if not self.rate:
+        rates = [r for r in (self.rate, *self._link_rates()) if r]
+        if not rates:
             return _CHUNK
-        return int(max(1024, min(_CHUNK, self.rate / 20)))
+        return int(max(1024, min(_CHUNK, min(rates) / 20)))
+
+    def _link_rates(self) -> tuple[float | None, float | None]:
+        if self.link is None:
+            return None, None
+        return self.link.rate(self.direction), self.link.bytes_per_second
 
     def account(self, n: int) -> None:
         self.done += n
+        until = time.monotonic()
         if self.rate:
-            ahead = self.done / self.rate - (time.monotonic() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
+            until = max(until, self.start + self.done / self.rate)
+        if self.link is not None and self.link.limited():
+            until = max(until, self.link.reserve(self.direction, n))
+        ahead = until - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
 
 
 @dataclass
@@ -203,7 +259,8 @@ class _Exchange:
     path: str
     query: dict[str, list[str]]
     record: RequestRecord
-    throttle: _Throttle
+    throttle: _Throttle  # the reply (download)
+    upload: _Throttle  # the request body
     caller: HubToken | None = None
     drop_request_after: int | None = None
     drop_response_after: int | None = None
@@ -231,7 +288,7 @@ class _Exchange:
                 self.record.fault = "drop"
                 raise _Dropped
             self.record.bytes_in += len(chunk)
-            self.throttle.account(len(chunk))
+            self.upload.account(len(chunk))
             yield chunk
 
     def _raw_body_chunks(self) -> Iterator[bytes]:
@@ -254,7 +311,7 @@ class _Exchange:
 
     def _read_exactly(self, remaining: int) -> Iterator[bytes]:
         while remaining > 0:
-            chunk = self.handler.rfile.read(min(remaining, self.throttle.chunk_size()))
+            chunk = self.handler.rfile.read(min(remaining, self.upload.chunk_size()))
             if not chunk:
                 raise _Dropped
             remaining -= len(chunk)
@@ -309,13 +366,16 @@ class HubTestServer:
         self.tokens: dict[str, HubToken] = {}
         # Fault injection, settable at any time.
         self.faults: list[Fault] = []
-        self.bytes_per_second: float | None = None
+        self.bytes_per_second: float | None = None  # per request
+        # The link every request shares (full duplex: each way its own rate).
+        self.link = Link()
         # LFS objects larger than this go through the multipart transfer (None: never).
         self.multipart_chunk_size: int | None = None
         self.tree_page_size = 1000
         self._secret = secrets.token_bytes(16)
         self._lock = threading.Lock()
         self._log: list[RequestRecord] = []
+        self._inflight = 0
         self._connections: set[socket.socket] = set()
         self._httpd: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -473,9 +533,25 @@ class HubTestServer:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """A copy of the request log, oldest first."""
+        """A copy of the request log, oldest first. A client can hold a whole reply before
+        the server's thread has logged it: requests still in flight get a moment to finish
+        (half a second at most; a long transfer is not waited for)."""
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._inflight:
+                    break
+            time.sleep(0.005)
         with self._lock:
             return list(self._log)
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._inflight -= 1
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -1324,8 +1400,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             path=split.path,
             query=parse_qs(split.query, keep_blank_values=True),
             record=record,
-            throttle=_Throttle(hub.bytes_per_second),
+            throttle=_Throttle(hub.bytes_per_second, hub.link, "down"),
+            upload=_Throttle(hub.bytes_per_second, hub.link, "up"),
         )
+        hub._begin()
         try:
             reply = self._reply_for(ex)
             self._send(ex, reply)
@@ -1334,6 +1412,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self._abort(reset=ex.reset)
         finally:
             hub._record(record)
+            hub._end()
 
     def _reply_for(self, ex: _Exchange) -> _Reply:
         hub = self.server.hub

@@ -1,0 +1,272 @@
+"""Base shards from the Hub, one file at a time, several at once, as the merge needs them.
+
+A Hub-to-Hub merge does not wait for the whole base: the revision is pinned to a commit once,
+the plan is made from the shard headers (HTTP range reads), and :class:`ShardFetcher`
+downloads the shards with the client's own per-file download (``hf_hub_download``: into the
+normal HF cache, Xet or LFS as the client is configured, a partly downloaded file completed
+or fetched again by the client, never used half-written) in the order the output shards
+need them. A worker waits only for the input shards of the output shard at hand.
+
+With ``delete_after_use`` (``engine.delete_downloaded``) a shard this job downloaded leaves
+the cache once every output shard that reads it is finished, and at most ``ahead`` shards
+are on disk and not yet used: the disk holds a window of a few shards, not the model.
+A file that was in the cache before the job is never deleted.
+
+Example::
+
+    fetcher = ShardFetcher("org/base", commit, ["model-00001-of-00002.safetensors", ...])
+    fetcher.start()
+    path = fetcher.wait("model-00001-of-00002.safetensors")
+    ...                                   # read it
+    fetcher.done_with("model-00001-of-00002.safetensors")
+    fetcher.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergejob import logs
+from mergejob.errors import MergeFailedError, MergeJobError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOWNLOAD_WORKERS = 4
+DEFAULT_AHEAD = 4
+
+
+@dataclass
+class _File:
+    name: str
+    cached_before: bool
+    done: threading.Event
+    path: Path | None = None
+    error: BaseException | None = None
+    users: int = 0  # consumers that still need it
+    nbytes: int = 0
+    downloaded: bool = False
+
+
+class ShardFetcher:
+    """Download ``files`` of ``repo_id`` at ``commit`` in the order given, ``workers`` at a
+    time. ``wait(name)`` blocks until a file is complete on disk; ``done_with(name)`` says a
+    consumer has finished with it (with ``delete_after_use``, the last one frees its disk).
+
+    ``users`` maps a file to how many consumers will call ``done_with`` for it (default 1).
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        commit: str,
+        files: Sequence[str],
+        *,
+        token: str | None = None,
+        workers: int = DEFAULT_DOWNLOAD_WORKERS,
+        delete_after_use: bool = False,
+        ahead: int = DEFAULT_AHEAD,
+        users: dict[str, int] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        from huggingface_hub import try_to_load_from_cache
+
+        self.repo_id = repo_id
+        self.commit = commit
+        self.token = token
+        self.workers = max(1, workers)
+        self.delete_after_use = delete_after_use
+        self.progress = progress
+        self._lock = threading.Lock()
+        self._files: dict[str, _File] = {}
+        self._order: queue.Queue[str | None] = queue.Queue()
+        for name in dict.fromkeys(files):
+            cached = try_to_load_from_cache(repo_id, name, revision=commit)
+            entry = _File(
+                name=name,
+                cached_before=isinstance(cached, str),
+                done=threading.Event(),
+                users=(users or {}).get(name, 1),
+            )
+            if entry.cached_before:
+                entry.path = Path(str(cached))
+                entry.done.set()
+            else:
+                self._order.put(name)
+            self._files[name] = entry
+        # The window: files fetched and not yet used up, with deletion on.
+        self._window = threading.Semaphore(max(1, ahead)) if delete_after_use else None
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self.error: BaseException | None = None
+        self.downloaded_bytes = 0
+        self.downloaded_files = 0
+        self._total = sum(1 for f in self._files.values() if not f.cached_before)
+
+    # -- lifecycle
+
+    def start(self) -> ShardFetcher:
+        if self._total:
+            log.info(
+                "download: %d of %d base shard(s) of %s@%s to fetch (%d already cached), "
+                "%d at a time%s",
+                self._total,
+                len(self._files),
+                self.repo_id,
+                self.commit[:12],
+                len(self._files) - self._total,
+                self.workers,
+                ", deleted once used" if self.delete_after_use else "",
+            )
+        for i in range(min(self.workers, self._total)):
+            self._order.put(None)  # one stop mark per thread, after the files
+            thread = threading.Thread(target=self._run, name=f"mergejob-fetch-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        """Stop fetching (files being downloaded finish in the background: the client
+        leaves a partial file it resumes next time)."""
+        self._closed.set()
+        if self._window is not None:
+            for _ in self._threads:
+                self._window.release()
+
+    def __enter__(self) -> ShardFetcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- consumers
+
+    def path(self, name: str) -> Path:
+        """Where ``name`` is (or will be) in the HF cache's snapshot of the commit."""
+        entry = self._files[name]
+        if entry.path is not None:
+            return entry.path
+        from huggingface_hub import constants
+
+        folder = "models--" + self.repo_id.replace("/", "--")
+        return Path(constants.HF_HUB_CACHE) / folder / "snapshots" / self.commit / name
+
+    def ready(self, name: str) -> bool:
+        entry = self._files.get(name)
+        return entry is None or entry.done.is_set()
+
+    def wait(self, name: str, timeout: float | None = None) -> Path:
+        """Block until ``name`` is complete on disk; raises the download's error."""
+        entry = self._files[name]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not entry.done.wait(0.2):
+            self.raise_if_failed()
+            if deadline is not None and time.monotonic() > deadline:
+                raise MergeFailedError(f"{self.repo_id}/{name}: not downloaded after {timeout}s")
+        if entry.error is not None:
+            raise entry.error
+        assert entry.path is not None
+        return entry.path
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def done_with(self, name: str) -> None:
+        """One consumer has finished with ``name``; the last frees it (with deletion on)."""
+        entry = self._files.get(name)
+        if entry is None:
+            return
+        with self._lock:
+            entry.users -= 1
+            last = entry.users <= 0
+        if not last:
+            return
+        if self.delete_after_use and entry.downloaded and not entry.cached_before:
+            _remove_from_cache(entry.path)
+        if self._window is not None and entry.downloaded:
+            self._window.release()
+
+    # -- the download threads
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            name = self._order.get()
+            if name is None:
+                return
+            if self._window is not None:
+                self._window.acquire()
+                if self._closed.is_set():
+                    return
+            entry = self._files[name]
+            try:
+                entry.path = self._download(name)
+                entry.nbytes = entry.path.stat().st_size
+                entry.downloaded = True
+                with self._lock:
+                    self.downloaded_bytes += entry.nbytes
+                    self.downloaded_files += 1
+                    count = self.downloaded_files
+                if self.progress is not None:
+                    self.progress(entry.nbytes)
+                log.info(logs.download_done_line(count, self._total, name, entry.nbytes))
+            except BaseException as exc:
+                entry.error = exc if isinstance(exc, MergeJobError) else _fetch_error(name, exc)
+                self.error = entry.error
+                if self._window is not None:
+                    self._window.release()
+            finally:
+                entry.done.set()
+
+    def _download(self, name: str) -> Path:
+        from huggingface_hub import hf_hub_download
+
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                return Path(
+                    hf_hub_download(self.repo_id, name, revision=self.commit, token=self.token)
+                )
+            except OSError as exc:  # a connection that broke: the client resumes the file
+                if attempt == attempts:
+                    raise
+                log.warning("download of %s failed (%s); trying again", name, exc)
+                time.sleep(attempt)
+        raise AssertionError("unreachable")
+
+
+def _fetch_error(name: str, exc: BaseException) -> MergeFailedError:
+    return MergeFailedError(
+        f"downloading {name} failed ({type(exc).__name__}: {exc}); rerun: finished shards "
+        "and complete downloads are kept"
+    )
+
+
+def _remove_from_cache(path: Path | None) -> None:
+    """Remove a snapshot entry and its blob (the HF cache's layout: the snapshot file is a
+    link to ``blobs/<etag>``; on systems without links it is the file itself)."""
+    if path is None:
+        return
+    try:
+        blob = path.resolve() if path.is_symlink() else None
+        path.unlink(missing_ok=True)
+        if blob is not None:
+            blob.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove %s from the cache: %s", path, exc)
+
+
+def cache_bytes(repo_id: str) -> int:
+    """Bytes the HF cache holds for ``repo_id`` (its blobs), for the disk window's tests and
+    figures."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
