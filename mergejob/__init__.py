@@ -16,10 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mergejob.errors import MergeJobError
+    from mergejob.extraction.job import ExtractResult, extract
     from mergejob.pipeline import MergeResult, merge, prepare
     from mergejob.spec import MergeSpec
 
-__all__ = ["MergeJobError", "MergeResult", "MergeSpec", "__version__", "merge", "prepare"]
+__all__ = [
+    "ExtractResult",
+    "MergeJobError",
+    "MergeResult",
+    "MergeSpec",
+    "__version__",
+    "extract",
+    "merge",
+    "prepare",
+]
 __version__ = "0.1.0"
 
 # Loaded on first use: `mergejob --help`, `render` and `schema` import this package, and the
@@ -30,6 +40,8 @@ _LAZY = {
     "MergeResult": "mergejob.pipeline",
     "MergeSpec": "mergejob.spec",
     "MergeJobError": "mergejob.errors",
+    "extract": "mergejob.extraction.job",
+    "ExtractResult": "mergejob.extraction.job",
 }
 
 

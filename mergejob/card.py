@@ -322,9 +322,7 @@ def card_spec(resolved_spec: Mapping[str, Any]) -> dict[str, Any]:
     engine = spec.get("engine")
     if isinstance(engine, Mapping):
         # How many workers merged it, and where it offloaded, do not change a byte of it.
-        spec["engine"] = {
-            k: v for k, v in engine.items() if k not in {"workers", "offload_folder"}
-        }
+        spec["engine"] = {k: v for k, v in engine.items() if k not in {"workers", "offload_folder"}}
     # Local inputs by folder name: the card never holds a local path (a home folder).
     spec["base"] = _named_locally(spec.get("base"))
     if isinstance(spec.get("adapters"), list):

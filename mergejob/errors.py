@@ -62,6 +62,11 @@ class InputsChangedError(InputError):
     """A rerun from a recipe whose inputs are no longer the bytes it recorded."""
 
 
+class DtypeRangeError(InputError):
+    """The output dtype cannot hold a tensor's values (``--dtype float16`` on a base or a
+    merge whose weights go beyond 65504): the same bytes overflow again on a retry."""
+
+
 class MergeFailedError(MergeJobError):
     """The merge itself failed (for example a NaN appeared); may be worth a retry."""
 

@@ -11,8 +11,10 @@ The same code runs in every setting that splits a merge:
 
 Which shards index ``i`` writes is :func:`index_shards`, a pure function of the plan's shard
 sizes, ``n`` and ``i`` (balanced by bytes: :func:`mergejob.io.shards.assign_shards`). Every
-finished shard leaves its record (size, sha256, plan id), so a pod killed half-way and
-started again with the same index redoes only its unfinished shards. An index that has
+finished shard leaves its record (size, sha256, plan id, its inputs' sha256), so a pod killed
+half-way and started again with the same index redoes only its unfinished shards (and those
+whose inputs changed since); the finaliser checks every record's inputs against the sha256
+the recipe records. An index that has
 finished (and uploaded, when publishing) leaves a marker in ``.mergejob-indexes/``.
 
 The finalising step, and why it runs in index 0

@@ -10,9 +10,14 @@ then the user's overrides on top. Everything is checked before any weight is rea
 - an override key must be one the model's config class knows (or already in config.json),
   else it is an error with the nearest key suggested, unless ``config.allow_unknown_keys``;
 - an override may not change what the weights fix (shapes, dtype, tied embeddings);
+- an override value must have the type its key takes (:func:`expected_type`: the config
+  class's annotation, ``RopeParameters`` for RoPE values, else its default, else the value the
+  config holds): ``rope_theta: "3,580,165,449"`` is refused naming key, value and type;
 - the final config must load with transformers and every override must read back with its
   value: transformers 5 reads ``rope_theta`` from ``rope_parameters``, so a ``rope_theta``
-  override lands there (a top-level ``rope_theta`` next to ``rope_parameters`` is ignored).
+  override lands there (a top-level ``rope_theta`` next to ``rope_parameters`` is ignored);
+- the final config must build its causal LM on the meta device (no weights), with the
+  weights' shapes; a failure names the override that causes it.
 
 Example::
 
@@ -311,10 +316,10 @@ def _annotation_kinds(annotation: Any) -> frozenset[str] | None:
     if origin is typing.Union or type(annotation).__name__ == "UnionType":
         found: set[str] = set()
         for arg in typing.get_args(annotation):
-            part = _annotation_kinds(arg)
-            if part is None:
+            arg_kinds = _annotation_kinds(arg)
+            if arg_kinds is None:
                 return None
-            found |= part
+            found |= arg_kinds
         return frozenset(found)
     if origin is typing.Literal:
         return frozenset(_json_kind(v) for v in typing.get_args(annotation))
@@ -375,9 +380,7 @@ def _rope_annotations() -> dict[str, Any]:
         return {}
 
 
-def _expected_from(
-    annotation: Any, default: Any, current: Any, where: str
-) -> ExpectedType | None:
+def _expected_from(annotation: Any, default: Any, current: Any, where: str) -> ExpectedType | None:
     if annotation is not _MISSING:
         kinds = _annotation_kinds(annotation)
         if kinds is not None:

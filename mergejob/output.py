@@ -73,10 +73,11 @@ def remove_all_but(folder: Path, keep: set[str]) -> None:
 
 
 def drop_records(partial: Path) -> None:
-    """Remove the engine's bookkeeping from a finished partial folder: the per-shard records
-    and the markers the indices of an Indexed Job leave."""
+    """Remove the engine's bookkeeping from a finished partial folder: the per-shard records,
+    the markers the indices of an Indexed Job leave, an extraction's group parts."""
     shutil.rmtree(Path(partial) / RECORDS_DIR, ignore_errors=True)
     shutil.rmtree(Path(partial) / settings.INDEXES_DIR, ignore_errors=True)
+    shutil.rmtree(Path(partial) / settings.EXTRACT_PARTS_DIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -136,6 +138,7 @@ class StartedJob:
     plan_id: str | None = None
     finished: bool = False
     complete: bool = False
+    marker_id: str | None = None
 
     @property
     def spec(self) -> MergeSpec:
@@ -152,6 +155,47 @@ def output_dir_of(spec: MergeSpec, target: HubTarget | None) -> Path:
 
         return default_local_dir(target)
     raise SpecError("output.dir: required unless publish.repo_id is set")
+
+
+@dataclass
+class OutputPlace:
+    """Where a job writes, checked before any download (:func:`open_output`): the folder
+    (a temporary one for a publish-only job), whether it may be replaced, the Hub target
+    and the token to publish with, and whether it may already hold this very job's output
+    (to be confirmed once the plan is known)."""
+
+    out_dir: Path
+    temporary: bool
+    overwrite: bool
+    target: HubTarget | None
+    token: str | None
+    maybe_finished: bool
+
+
+def open_output(spec: MergeSpec, *, token: str | None = None) -> OutputPlace:
+    """The first steps of every job (a merge, an extraction): the Hub access (a bad token
+    fails in seconds, before any download), then the output folder: never one that would
+    replace an input, a crash between two renames finished, and one that holds something
+    else refused (unless it may hold this very job's output, looked at later)."""
+    token = token if token is not None else settings.hub_token()
+    target: HubTarget | None = None
+    if spec.publish is not None:
+        from mergejob import publish
+
+        target = publish.check_access(spec.publish, token=token)
+        token = publish.resolve_token(token)
+    out_dir = output_dir_of(spec, target)
+    temporary = spec.output.dir is None
+    overwrite = spec.output.overwrite or temporary
+    # Never an output that would replace an input, whatever the flags: before any read.
+    check_output_apart(spec, out_dir)
+    output.recover_replaced(out_dir)
+    # An output folder that holds something else fails before any download; one that may
+    # hold this very job's output is looked at once the plan (and its id) is known.
+    maybe_finished = output.may_hold_finished(out_dir, temporary=temporary)
+    if not maybe_finished:
+        output.check_output_dir(out_dir, overwrite=overwrite)
+    return OutputPlace(out_dir, temporary, overwrite, target, token, maybe_finished)
 
 
 def start_job(
@@ -172,34 +216,20 @@ def start_job(
     indices of an Indexed Job: it is created if missing and never cleared here.
     """
     started = time.monotonic()
-    token = token if token is not None else settings.hub_token()
-    target: HubTarget | None = None
-    if spec.publish is not None:
-        from mergejob import publish
-
-        target = publish.check_access(spec.publish, token=token)
-        token = publish.resolve_token(token)
-    out_dir = output_dir_of(spec, target)
-    temporary = spec.output.dir is None
-    overwrite = spec.output.overwrite or temporary
-    # Never an output that would replace an input, whatever the flags: before any read.
-    check_output_apart(spec, out_dir)
-    output.recover_replaced(out_dir)
-    # An output folder that holds something else fails before any download; one that may
-    # hold this very merge is looked at once the plan (and its id) is known.
-    maybe_finished = output.may_hold_finished(out_dir, temporary=temporary)
-    if not maybe_finished:
-        output.check_output_dir(out_dir, overwrite=overwrite)
+    place = open_output(spec, token=token)
+    out_dir, temporary, overwrite = place.out_dir, place.temporary, place.overwrite
+    target, token, maybe_finished = place.target, place.token, place.maybe_finished
     timings = Timings()
     job = prepare(spec, token=token, timings=timings)
     plan_id = plan_for_job(job).plan_id if spec.engine.name == "stream" else None
     settings.kill_point("planned")
     current = _Once(lambda: input_records(job))
+    marker_id = published_marker_id(job, plan_id)
     partial = output.partial_dir_for(out_dir)
     finished = False
     if maybe_finished and not partial.exists():  # a partial folder: a run is not done
         if temporary:
-            finished = output.published_for(out_dir, plan_id)
+            finished = output.published_for(out_dir, marker_id)
         else:
             finished = holds_this_job(out_dir, job, plan_id, current)
     if maybe_finished and not finished:
@@ -234,6 +264,7 @@ def start_job(
         plan_id=plan_id,
         finished=finished,
         complete=complete,
+        marker_id=marker_id,
     )
 
 
@@ -262,20 +293,12 @@ def holds_this_job(
     and the same inputs: the stream engine's plan id fingerprints them; the peft engine has
     none, so their sha256 are compared with the recipe's (hashing them costs less than the
     merge a rerun would redo)."""
-    from mergejob.card import card_spec
-
     document = output.finished_recipe(folder)
     if document is None:
         return False
     if plan_id is not None and output.recipe_plan_id(document) != plan_id:
         return False
-
-    def what(spec: Mapping[str, Any]) -> dict[str, Any]:
-        publish = spec.get("publish")
-        repo_id = publish.get("repo_id") if isinstance(publish, Mapping) else None
-        return {**card_spec(spec), "repo_id": repo_id}
-
-    if what(document) != what(resolved_spec(job)):
+    if model_identity(document) != model_identity(resolved_spec(job)):
         return False
     if plan_id is None:
         record = document.get(recipe.RECIPE_KEY)
@@ -285,6 +308,27 @@ def holds_this_job(
         if recipe.input_changes(recorded, current_inputs()):
             return False
     return True
+
+
+def model_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resolved spec (or a recipe) says the output is, beyond its weights: the spec
+    as the card shows it (config_from, overrides, dtype, shard size...) and the Hub repo the
+    card names; not where it was written or how many workers wrote it."""
+    from mergejob.card import card_spec
+
+    publish = spec.get("publish")
+    repo_id = publish.get("repo_id") if isinstance(publish, Mapping) else None
+    return {**card_spec(spec), "repo_id": repo_id}
+
+
+def published_marker_id(job: PreparedJob, plan_id: str | None) -> str | None:
+    """What the published marker records of a publish-only job, to know it on a rerun: the
+    plan id (the weights and their inputs) with a digest of :func:`model_identity` (so that
+    a rerun with, say, other config overrides publishes again). None without a plan id."""
+    if plan_id is None:
+        return None
+    identity = json.dumps(model_identity(resolved_spec(job)), sort_keys=True, default=str)
+    return f"{plan_id}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
 def merge(
@@ -314,7 +358,7 @@ def merge(
     uploader = start_uploader(spec, job.target, job.token) if job.target is not None else None
     try:
         if job.complete:
-            log.info("%s holds this merge already (an earlier run wrote it)", job.partial)
+            log.info("%s: written by an earlier run of this job; merging nothing", job.partial)
             report = EngineReport(engine=spec.engine.name, extra={"plan_id": job.plan_id})
         else:
             with job.timings.phase("merge", engine=spec.engine.name):
@@ -365,28 +409,15 @@ def finish_output(
         settings.kill_point("written")
         write_recipe(prepared, partial, report, timings, inputs=job.inputs())
         settings.kill_point("recipe-written")
-    published: PublishResult | None = None
-    if job.target is not None and not output.published_for(job.out_dir, job.plan_id):
-        with timings.phase("publish", repo=job.target.display):
-            published = publish_output(prepared, partial, job.target, uploader, job.token)
-        if job.plan_id is not None:
-            output.mark_published(job.out_dir, job.plan_id, published.commit_url)
-        settings.kill_point("published")
-    # Last: the shard records (a crash before this point redoes the step, merging nothing).
-    output.drop_records(partial)
-    settings.kill_point("records-dropped")
-    final: Path | None
-    if job.temporary:
-        files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
-        output.discard_partial(job.out_dir)
-        final = None
-    else:
-        final = output.commit_partial(job.out_dir)
-        files = sorted(p.name for p in final.iterdir())
-    settings.kill_point("renamed")
-    # The marker only bridges a crash between the commit and here; a publish-only job
-    # leaves nothing on this machine.
-    output.forget_published(job.out_dir)
+    final, files, published = settle_output(
+        job.out_dir,
+        partial,
+        temporary=job.temporary,
+        target=job.target,
+        plan_id=job.marker_id,
+        timings=timings,
+        publish=lambda target: publish_output(prepared, partial, target, uploader, job.token),
+    )
     return MergeResult(
         output_dir=final,
         engine=report,
@@ -395,6 +426,46 @@ def finish_output(
         timings=dict(timings.seconds),
         published=published,
     )
+
+
+def settle_output(
+    out_dir: Path,
+    partial: Path,
+    *,
+    temporary: bool,
+    target: HubTarget | None,
+    plan_id: str | None,
+    timings: Timings,
+    publish: Callable[[HubTarget], PublishResult],
+) -> tuple[Path | None, list[str], PublishResult | None]:
+    """The last steps of every job (a merge, an extraction), once the partial folder holds
+    the whole output with its recipe: ``publish(target)`` when there is a target (unless this plan
+    is on the Hub already), then the engine's records go and the folder is renamed into
+    place (publish-only: removed). Returns the final folder (None when removed), its files
+    and what was published."""
+    published: PublishResult | None = None
+    if target is not None and not output.published_for(out_dir, plan_id):
+        with timings.phase("publish", repo=target.display):
+            published = publish(target)
+        if plan_id is not None:
+            output.mark_published(out_dir, plan_id, published.commit_url)
+        settings.kill_point("published")
+    # Last: the shard records (a crash before this point redoes the step, merging nothing).
+    output.drop_records(partial)
+    settings.kill_point("records-dropped")
+    final: Path | None
+    if temporary:
+        files = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
+        output.discard_partial(out_dir)
+        final = None
+    else:
+        final = output.commit_partial(out_dir)
+        files = sorted(p.name for p in final.iterdir())
+    settings.kill_point("renamed")
+    # The marker only bridges a crash between the commit and here; a publish-only job
+    # leaves nothing on this machine.
+    output.forget_published(out_dir)
+    return final, files, published
 
 
 def already_finished(job: StartedJob) -> MergeResult:
@@ -458,9 +529,7 @@ def input_records(job: PreparedJob, *, workers: int = 4) -> list[dict[str, Any]]
     """The recipe's ``inputs``: each source with the sha256 of the files the merge reads
     (free for Hub inputs, whose cache names them by it; read for local ones)."""
     digest = job.digests.get  # shared with the stream engine's shard records: read once
-    inputs = [
-        recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers, digest=digest)
-    ]
+    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers, digest=digest)]
     inputs += [
         recipe.source_record("adapter", a, ADAPTER_PATTERNS, workers=workers, digest=digest)
         for a in job.adapters
@@ -481,6 +550,14 @@ def check_recorded_inputs(
     inputs; returns the records (for the new recipe) or raises naming the changed files."""
     with timings.phase("inputs"):
         current = input_records(job)
+    return compare_inputs(recorded, current)
+
+
+def compare_inputs(
+    recorded: Sequence[Mapping[str, Any]], current: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``current`` (the inputs as hashed now) if they match a recipe's ``recorded`` ones,
+    else :class:`InputsChangedError` naming every changed file."""
     changes = recipe.input_changes(recorded, current)
     if changes:
         raise InputsChangedError(
@@ -498,8 +575,9 @@ class InputDigests:
     local 140 GB base takes minutes, hidden behind the merge rather than added after it (a
     failing job does not wait for it)."""
 
-    def __init__(self, job: PreparedJob) -> None:
-        self._job = job
+    def __init__(self, job: PreparedJob | Callable[[], list[dict[str, Any]]]) -> None:
+        # A job's inputs, or any job's own records (an extraction's base and fine-tune).
+        self._records = job if callable(job) else (lambda: input_records(job, workers=1))
         self._value: list[dict[str, Any]] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mergejob-input-sha256", daemon=True)
@@ -507,7 +585,7 @@ class InputDigests:
 
     def _run(self) -> None:
         try:
-            self._value = input_records(self._job, workers=1)
+            self._value = self._records()
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
 
@@ -551,6 +629,8 @@ def write_recipe(
         timings=timings.seconds,
         known_digests=known,
     )
+    if job.spec.publish is not None:
+        document = recipe.without_local_paths(document)  # no home folder reaches the Hub
     return recipe.write_recipe(out_dir, document)
 
 

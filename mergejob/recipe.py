@@ -256,6 +256,9 @@ def input_changes(
     changes: list[str] = []
     for record in current:
         old = by_key.get(_input_key(record))
+        if old is None and record.get("local_dir"):
+            # A published recipe names a local input by its folder name only.
+            old = by_key.get((record.get("role"), Path(str(record["local_dir"])).name))
         if old is None:
             continue
         where = record.get("local_dir") or f"{record.get('source')}@{record.get('commit')}"
@@ -289,3 +292,46 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: not a mergejob recipe")
     return data
+
+
+def without_local_paths(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe to publish: every local path (the inputs, the output and offload folders)
+    as its folder name only, so no home folder reaches the Hub. A rerun from it runs beside
+    those folders; its inputs are still checked against the recorded sha256, by name."""
+
+    def name(path: Any) -> Any:
+        return Path(path).name if isinstance(path, str) and os.path.isabs(path) else path
+
+    def source(entry: Any) -> Any:
+        if isinstance(entry, Mapping) and not entry.get("revision"):
+            return {**entry, "path": name(entry.get("path"))}
+        return entry
+
+    result = dict(document)
+    result["base"] = source(result.get("base"))
+    if isinstance(result.get("adapters"), list):
+        result["adapters"] = [source(entry) for entry in result["adapters"]]
+    for section, key in (("output", "dir"), ("engine", "offload_folder")):
+        part = result.get(section)
+        if isinstance(part, Mapping) and part.get(key):
+            result[section] = {**part, key: name(part[key])}
+    config = result.get("config")
+    if isinstance(config, Mapping) and config.get("config_from") is not None:
+        result["config"] = {**config, "config_from": source(config["config_from"])}
+    extract = result.get("extract")
+    if isinstance(extract, Mapping) and extract.get("finetuned") is not None:
+        result["extract"] = {**extract, "finetuned": source(extract["finetuned"])}
+    record = result.get(RECIPE_KEY)
+    if isinstance(record, Mapping) and isinstance(record.get("inputs"), list):
+        inputs = [
+            {
+                **entry,
+                "source": Path(entry["local_dir"]).name,
+                "local_dir": name(entry["local_dir"]),
+            }
+            if isinstance(entry, Mapping) and entry.get("local_dir")
+            else entry
+            for entry in record["inputs"]
+        ]
+        result[RECIPE_KEY] = {**record, "inputs": inputs}
+    return result

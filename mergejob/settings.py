@@ -145,6 +145,7 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_PICKLE_FILE = "adapter_model.bin"  # refused: pickle weights are not read
 RECIPE_FILE = "mergejob.yaml"
 CARD_FILE = "README.md"
+EXTRACTION_REPORT_FILE = "extraction.json"  # an extracted adapter's per-module report
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -165,6 +166,7 @@ PARTIAL_SUFFIX = ".mergejob-partial"  # .NAME.mergejob-partial: the folder being
 PUBLISHED_SUFFIX = ".mergejob-finalized.json"  # .NAME...: this plan is on the Hub already
 OLD_SUFFIX = ".mergejob-old"  # .NAME.mergejob-old: the replaced output, between two renames
 INDEXES_DIR = ".mergejob-indexes"  # in the partial folder: each finished index's marker
+EXTRACT_PARTS_DIR = ".mergejob-parts"  # in the partial folder: an extraction's finished groups
 # PEFT saves adapter tensors under the wrapped model's attribute path.
 PEFT_PREFIX = "base_model.model."
 

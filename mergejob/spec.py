@@ -270,15 +270,112 @@ class PublishSpec(_Strict):
         return value
 
 
+class ExtractSpec(_Strict):
+    """An extraction: the fine-tuned model whose difference from ``base`` becomes a LoRA
+    adapter, and how (see :mod:`mergejob.extraction`)."""
+
+    finetuned: SourceSpec = Field(
+        description="The fine-tuned model: local folder or Hub id (optionally id@revision)."
+    )
+    max_rank: int = Field(default=32, ge=1, description="Largest rank of any module.")
+    min_energy: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Smallest rank keeping this fraction of each module's squared norm "
+        "(capped by max_rank).",
+    )
+    sv_epsilon: float = Field(
+        default=0.0, ge=0, description="Drop singular values below this (as mergekit)."
+    )
+    distribute_scale: bool = Field(
+        default=True,
+        description="B = U sqrt(S), A = sqrt(S) Vt (as mergekit); false: B = U S, A = Vt.",
+    )
+    include: list[str] = Field(
+        default_factory=list, description="Only modules whose name matches one of these regexes."
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Leave out modules whose name matches one of these."
+    )
+    embeddings: Literal["full", "lora"] = Field(
+        default="full",
+        description="Embeddings and lm_head: full (modules_to_save, as mergekit) or lora "
+        "(lora_embedding_A/B and a LoRA on lm_head); a resized vocabulary is always full.",
+    )
+    skip_undecomposable: bool = Field(
+        default=False,
+        description="Leave out changed tensors no LoRA carries (the bias of a LoRA layer, a "
+        "3-D expert weight) instead of refusing them.",
+    )
+    svd: Literal["auto", "exact", "randomized"] = Field(
+        default="auto",
+        description="auto: full SVD for small modules, a randomized range finder with power "
+        "iterations for large ones (error within 1e-4 of the optimum); exact: always full.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the adapter's LoRA factors."
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+
 class MergeSpec(_Strict):
     """What to merge, how, and where the result goes."""
 
     base: BaseModelSpec
-    adapters: list[AdapterSpec] = Field(min_length=1)
+    # Required for a merge; an extraction (``extract:``) has none (see _task).
+    adapters: list[AdapterSpec] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     config: ConfigSpec = Field(default_factory=ConfigSpec)
     publish: PublishSpec | None = None
+    extract: ExtractSpec | None = Field(
+        default=None,
+        description="Extract a LoRA adapter (fine-tuned - base) instead of merging adapters.",
+    )
+
+    @property
+    def task(self) -> Literal["merge", "extract"]:
+        """What the job does: merge adapters, or (an ``extract:`` section) extract one."""
+        return "merge" if self.extract is None else "extract"
+
+    @model_validator(mode="after")
+    def _task(self) -> MergeSpec:
+        if self.extract is None:
+            if not self.adapters:
+                raise ValueError(
+                    "adapters: is required (the adapters to merge; or an extract: section "
+                    "to extract an adapter)"
+                )
+            return self
+        # What only a merge reads: refused rather than silently ignored.
+        merge_only = (
+            ("adapters", bool(self.adapters), "an extraction makes an adapter"),
+            ("output.dtype", "dtype" in self.output.model_fields_set, "use extract.dtype"),
+            ("output.max_shard_size", "max_shard_size" in self.output.model_fields_set, ""),
+            ("engine.name", self.engine.name != "stream", ""),
+            ("engine.workers", self.engine.workers != 1, "one process uses every core"),
+            ("engine.max_memory", self.engine.max_memory is not None, ""),
+            ("engine.offload_folder", self.engine.offload_folder is not None, ""),
+            ("config.overrides", bool(self.config.overrides), ""),
+            ("config.config_from", self.config.config_from is not None, ""),
+        )
+        for name, is_set, hint in merge_only:
+            if is_set:
+                raise ValueError(
+                    f"{name}: not part of an extraction (an extract: section); remove it"
+                    + (f" ({hint})" if hint else "")
+                )
+        return self
 
     @model_validator(mode="after")
     def _output_target(self) -> MergeSpec:
@@ -634,7 +731,14 @@ def run_sources(
                 "or pass --config, or give MERGEJOB_BASE and MERGEJOB_ADAPTERS"
             )
         return RunSources(path=None, file_data={}, environment=environment)
-    return RunSources(path=path, file_data=load_spec_file(path), environment=environment)
+    try:
+        file_data = load_spec_file(path)
+    except SpecError as exc:
+        if config or not environ.get(settings.CONFIG_ENV):
+            raise
+        # The file was named by the variable: say so (the pod's env, not a flag, is wrong).
+        raise SpecError(f"{settings.CONFIG_ENV}: {exc}") from None
+    return RunSources(path=path, file_data=file_data, environment=environment)
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

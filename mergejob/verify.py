@@ -3,10 +3,13 @@
 For each sampled tensor (``all_tensors`` for every one) the expected value is recomputed
 from the base and the adapters' safetensors with PEFT's formulas, in fp32, and rounded once
 to the output's dtype; the difference is measured in units in the last place (ulps) of that
-dtype. The tolerance is the one DESIGN.md states: with one adapter merged by the stream engine
-the output is bit-exact (0 ulp); otherwise within 1 ulp per adapter (PEFT rounds after each
-adapter; DoRA's norm is summed in another order). Tensors no adapter touches must be the
-base's bytes. An optional logits check runs a few tokens through the output and through
+dtype. The tolerance follows from the engine the recipe records (:func:`default_tolerance`,
+:func:`share_limit`): the stream engine rounds once, so 1 ulp whatever the number of adapters;
+the peft engine rounds after each adapter, so 1 ulp per adapter. Within that bound the share
+of a tensor's elements off by one ulp or more must also be a share rounding explains: a tensor
+scaled by 1.01 moves nearly every element by one or two ulps and fails on its share even
+where the ulp bound allows it. Tensors no adapter touches must be the base's bytes. An
+optional logits check runs a few tokens through the output and through
 the base with the adapters applied by PEFT (unmerged), when both fit in memory.
 
 Example::
@@ -273,6 +276,8 @@ class TensorCheck:
     tolerance_ulps: float
     ok: bool
     note: str = ""
+    share_off: float = 0.0  # elements that differ from the reference: 1 ulp or more off
+    share_limit: float | None = None  # the most rounding explains (None: not checked)
 
 
 @dataclass
@@ -285,6 +290,8 @@ class VerifyReport:
     tensors_total: int = 0
     logits: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    engine: str | None = None  # the engine the recipe records; None when unknown
+    share_limit: float | None = None  # for a large tensor (small ones get some room)
 
     @property
     def ok(self) -> bool:
@@ -298,7 +305,10 @@ class VerifyReport:
             "output_dir": str(self.output_dir),
             "ok": self.ok,
             "tolerance_ulps": self.tolerance_ulps,
+            "engine": self.engine,
+            "share_limit": self.share_limit,
             "tensors_total": self.tensors_total,
+            "tensors_failed": sum(not c.ok for c in self.checks),
             "tensors_checked": len(self.checks),
             "problems": self.problems,
             "tensors": [c.__dict__ for c in self.checks],
@@ -306,27 +316,120 @@ class VerifyReport:
         }
 
     def summary(self) -> str:
-        """A few lines for people: the verdict, then every tensor beyond tolerance."""
+        """A few lines for people: the verdict (how many tensors failed, per kind, and the
+        logits), the tolerance, then every tensor beyond it and every problem."""
         bad = [c for c in self.checks if not c.ok]
-        lines = [
-            f"{'OK' if self.ok else 'FAILED'}: {len(self.checks)} of {self.tensors_total} "
-            f"tensors checked against base + adapters (tolerance {self.tolerance_ulps} ulp)"
-        ]
-        lines += [
-            f"  {c.name}: {c.max_ulps:.3g} ulp (max |diff| {c.max_abs:.3g}) {c.note}" for c in bad
-        ]
+        checked = len(self.checks)
+        kinds = []
+        for kind in ("merged", "replaced", "untouched"):
+            of_kind = [c for c in self.checks if c.kind == kind]
+            if of_kind:
+                failed = sum(not c.ok for c in of_kind)
+                kinds.append(
+                    f"{kind}: {len(of_kind) - failed} ok" + (f", {failed} failed" if failed else "")
+                )
+        if checked < self.tensors_total:
+            kinds.insert(0, f"a sample of the {self.tensors_total}")
+        word = "OK" if self.ok else "FAILED"
+        verdict = (
+            f"{word}: {checked} of {self.tensors_total} tensors checked, all within tolerance"
+            if not bad
+            else f"{word}: {len(bad)} of {checked} tensors checked beyond tolerance"
+        )
+        problems = f"; {len(self.problems)} problem(s)" if self.problems else ""
+        lines = [f"{verdict} ({'; '.join(kinds)}){problems}; logits: {self._logits_word()}"]
+        share = self.share_limit
+        lines.append(
+            f"  tolerance ({self.engine or 'unknown'} engine): {self.tolerance_ulps:g} ulp of the "
+            "output dtype at the weight's magnitude"
+            + (
+                f", and at most {share:.1%} of a tensor's elements off by 1 ulp or more (more "
+                "for small tensors)"
+                if share is not None
+                else ""
+            )
+            + "; tensors no adapter touches: the base's bytes"
+        )
+        for c in bad:
+            share_text = ""
+            if c.share_limit is not None:
+                share_text = (
+                    f", {c.share_off:.1%} of elements off by 1 ulp or more "
+                    f"(rounding explains {c.share_limit:.1%})"
+                )
+            lines.append(
+                f"  {c.name}: {c.max_ulps:.3g} ulp (tolerance {c.tolerance_ulps:g}){share_text}, "
+                f"max |diff| {c.max_abs:.3g} {c.note}".rstrip()
+            )
         lines += [f"  {p}" for p in self.problems]
         if self.logits is not None:
             lines.append(f"  logits: {self.logits.get('message', '')}")
         return "\n".join(lines)
 
+    def _logits_word(self) -> str:
+        if self.logits is None:
+            return "not run"
+        if self.logits.get("skipped"):
+            return "skipped"
+        return "ok" if self.logits.get("ok", True) else "FAILED"
+
 
 def default_tolerance(engine: str | None, adapters: list[AdapterWeights]) -> int:
-    """DESIGN.md: one adapter through the stream engine is bit-exact; otherwise 1 ulp per
-    adapter (PEFT rounds after each adapter; DoRA's norm may sum in another order)."""
-    if engine == "stream" and len(adapters) == 1 and not adapters[0].uses_dora:
-        return 0
+    """Most ulps an element of a merged tensor may be off, for the engine that merged it.
+
+    The stream engine sums every adapter in fp32 and rounds once, as verify's reference does,
+    so on a CPU it matches bit for bit; still 1 ulp, whatever the number of adapters, since
+    its fp32 sums may run in another order than verify's (another BLAS, a GPU's matmul, DoRA's
+    norm), and a last-bit difference in fp32 flips the rounding of an element that lies right
+    at a rounding boundary of the output dtype. The peft engine rounds to the output dtype
+    after each adapter: 1 ulp per adapter. Unknown engine: the peft engine's, the looser.
+    """
+    if engine == "stream":
+        return 1
     return max(1, len(adapters))
+
+
+# The stream engine's share bound (16-bit outputs). Its fp32 value and verify's differ by a
+# few fp32 ulps at most, so an element rounds to another bf16 (fp16) value only where its
+# exact value lies within those few fp32 ulps of a rounding boundary: about k * 2**-16
+# (2**-13) of the elements for k fp32 ulps, under 0.1 % even for k = 8. 1 % leaves ten times
+# that room, and a corruption the ulp bound lets through moves far more: scaling a tensor
+# by 1.003 moves about half its bf16 elements by one ulp.
+STREAM_SHARE_LIMIT = 0.01
+
+
+def share_limit(
+    engine: str | None, adapters: int, dtype: torch.dtype, numel: int | None = None
+) -> float | None:
+    """The largest share of a merged tensor's elements that may be off by 1 ulp or more, for
+    ``adapters`` merged by ``engine`` into ``dtype``; None where rounding explains any share.
+
+    - stream, 16-bit output: :data:`STREAM_SHARE_LIMIT`. A float32 output has no rounding
+      step to hide fp32 order differences: they show as 1-ulp differences in any share, so
+      only the ulp bound holds there.
+    - peft (or unknown): PEFT rounds the running sum after each adapter, each time by an
+      error within half an ulp. An element ends on another value than the once-rounded
+      reference when the summed error S carries it across a rounding boundary, with a
+      probability of about E|S| <= sqrt(E[S**2]) = sqrt(n / 12) for n roundings (an upper
+      bound: the first adapter's rounding is the reference's own). Measured on bf16: 28 % for
+      2 adapters (bound 41 %), 48 % for 5 (bound 65 %); scaling by 1.01 moves over 90 %. From
+      12 adapters on the bound reaches 100 %: nothing to check.
+
+    Given ``numel``, plus three standard deviations of a binomial count, so that a small
+    tensor (a bias of 64 elements) is not failed for the one element chance puts beyond the
+    expectation.
+    """
+    if engine == "stream":
+        if dtype == torch.float32:
+            return None
+        limit = STREAM_SHARE_LIMIT
+    else:
+        limit = math.sqrt(max(1, adapters) / 12)
+    if limit >= 1.0:
+        return None
+    if numel is None:
+        return limit
+    return min(1.0, limit + 3 * math.sqrt(limit * (1 - limit) / max(1, numel)))
 
 
 def choose_sample(names: list[str], touched: set[str], count: int) -> list[str]:
@@ -377,7 +480,13 @@ def verify_output(
     out_index = CheckpointIndex.from_folder(out)
     base_index = CheckpointIndex.from_folder(base_dir)
     report = VerifyReport(
-        output_dir=out, tolerance_ulps=tolerance, tensors_total=len(out_index.tensors)
+        output_dir=out,
+        tolerance_ulps=tolerance,
+        tensors_total=len(out_index.tensors),
+        engine=engine,
+    )
+    report.share_limit = share_limit(
+        engine, len(adapter_weights), getattr(torch, out_index.stored_dtype())
     )
 
     missing = sorted(set(base_index.tensors) - set(out_index.tensors))
@@ -415,7 +524,10 @@ def verify_output(
             report.checks.append(_compare(name, "untouched", got, same, 0, exact=True))
             continue
         want = expected.value.to(got.dtype)
-        report.checks.append(_compare(name, "merged", got, want, tolerance, scale=expected.scale))
+        limit = share_limit(engine, len(adapter_weights), got.dtype, got.numel())
+        report.checks.append(
+            _compare(name, "merged", got, want, tolerance, scale=expected.scale, share=limit)
+        )
     if logits:
         report.logits = logits_check(out, base_dir, adapter_dirs, weights)
     return report
@@ -430,6 +542,7 @@ def _compare(
     *,
     scale: torch.Tensor | None = None,
     exact: bool = False,
+    share: float | None = None,
 ) -> TensorCheck:
     if got.shape != want.shape:
         note = f"shape {list(got.shape)}, expected {list(want.shape)}"
@@ -444,8 +557,10 @@ def _compare(
     if got.numel() == 0:
         return TensorCheck(name, kind, 0.0, 0.0, tolerance, True)
     ulps = float(weight_ulps(got, want, scale).max())
-    ok = ulps <= tolerance
-    return TensorCheck(name, kind, _max_abs(got, want), ulps, tolerance, ok)
+    # Off by one ulp or more at the element's own magnitude: any other value of the dtype.
+    off = float((got != want).double().mean())
+    ok = ulps <= tolerance and (share is None or off <= share)
+    return TensorCheck(name, kind, _max_abs(got, want), ulps, tolerance, ok, "", off, share)
 
 
 def _max_abs(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -473,17 +588,25 @@ def _inputs(
     adapters: list[str | os.PathLike[str]] | None,
     weights: list[float] | None,
 ) -> tuple[Path, list[Path], list[float], str | None]:
-    """Base and adapter folders: given, or from the output's recipe (resolved locally)."""
+    """Base and adapter folders: given, or from the output's recipe (resolved locally); and
+    the engine the recipe records (``recipe.engine.name``), whichever inputs were given."""
+    from mergejob.recipe import read_recipe
+
     engine = None
+    if base is not None and adapters and (out / settings.RECIPE_FILE).is_file():
+        try:
+            engine = _recorded_engine(read_recipe(out))
+        except InputError:  # inputs given: a broken recipe only costs the engine's tolerance
+            engine = None
     if base is None or not adapters:
-        from mergejob.recipe import read_recipe
         from mergejob.sources import ADAPTER_PATTERNS, BASE_PATTERNS, resolve_source
         from mergejob.spec import MergeSpec
 
         data = read_recipe(out)
+        engine = _recorded_engine(data)
         data.pop("recipe", None)
         spec = MergeSpec.model_validate(data)
-        engine = spec.engine.name
+        engine = engine or spec.engine.name
         if base is None:
             base = resolve_source(spec.base, role="base model", patterns=BASE_PATTERNS).local_dir
         if not adapters:
@@ -497,6 +620,14 @@ def _inputs(
     if len(weights) != len(adapter_dirs):
         raise InputError(f"--weights: {len(weights)} weights for {len(adapter_dirs)} adapters")
     return Path(base), adapter_dirs, weights, engine
+
+
+def _recorded_engine(data: dict[str, Any]) -> str | None:
+    """The engine that made the output, as the recipe records it (``recipe.engine.name``)."""
+    recorded = data.get("recipe")
+    engine = recorded.get("engine") if isinstance(recorded, dict) else None
+    name = engine.get("name") if isinstance(engine, dict) else None
+    return str(name) if name else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,7 +679,9 @@ def _logits_check(
         merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
         vocab = _embedding_rows(merged)
         reference: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-        if _touches_embeddings(adapter_dirs):
+        if _touches_embeddings(adapter_dirs) and _base_ties_embeddings(base_dir):
+            # The merge unties a tied head before changing either side: the head starts as a
+            # copy of the input embeddings. An untied base (Llama-3-70B) keeps its own head.
             reference.config.tie_word_embeddings = False
             out_emb = reference.get_output_embeddings()
             if out_emb is not None:
@@ -581,6 +714,19 @@ def _logits_check(
         "message": f"{'ok' if ok else 'FAILED'}: max |logit diff| {diff:.3g} over {tokens.shape[1]} "
         f"tokens (tolerance {rel_tol * scale:.3g})",
     }
+
+
+def _base_ties_embeddings(base_dir: Path) -> bool:
+    """Whether the base's head is its input embeddings: its config ties them
+    (``tie_word_embeddings``, in ``text_config`` for multimodal configs), or it stores no
+    head of its own, so that transformers builds the head from the embeddings."""
+    config = json.loads((Path(base_dir) / settings.CONFIG_FILE).read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    if tie:
+        return True
+    names = CheckpointIndex.from_folder(base_dir).tensors
+    return not any(n.endswith(("lm_head.weight", "embed_out.weight")) for n in names)
 
 
 def _touches_embeddings(adapter_dirs: list[Path]) -> bool:

@@ -63,7 +63,9 @@ def test_every_output_has_a_card_that_modelcard_loads(inputs, tmp_path: Path) ->
     assert data["library_name"] == "transformers"
     assert data["tags"] == ["mergejob", "lora", "merge", "dora"]
     text = card.text
-    assert f"`{inputs['a']}`" in text and f"`{inputs['dora']}`" in text
+    # Local inputs by folder name: the card never holds a local path.
+    assert f"`{inputs['a'].name}`" in text and f"`{inputs['dora'].name}`" in text
+    assert str(inputs["a"].parent) not in text
     assert "| 0.5 | LoRA | 4 | 8 | q_proj, v_proj |" in text
     assert "| 1 | DoRA | 4 (per module: o_proj=2) | 8 | o_proj |" in text
     assert "`rope_theta` = `500000.0`" in text

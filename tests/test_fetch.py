@@ -13,6 +13,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from mergejob.errors import MergeFailedError
 from mergejob.fetch import ShardFetcher, cache_bytes
 from tests.support.hubserver.fixtures import SeededHubServer
+from tests.support.models import ModelFactory
 
 SHARD_BYTES = 300_000
 NAMES = [f"model-{i:05d}-of-00006.safetensors" for i in range(1, 7)]
@@ -107,6 +108,50 @@ def test_a_download_that_fails_is_reported_to_the_one_waiting(
 ) -> None:
     repo_id, commit, _ = repo
     hub_env.fail(NAMES[0], method="GET", status=403, times=10)
-    with ShardFetcher(repo_id, commit, NAMES[:1], token=hub_env.alice_token) as fetcher:
+    fetcher = ShardFetcher(repo_id, commit, NAMES[:1], token=hub_env.alice_token).start()
+    try:
         with pytest.raises(MergeFailedError, match=NAMES[0]):
             fetcher.wait(NAMES[0], timeout=60)
+    finally:
+        fetcher.close()
+
+
+def test_remote_headers_give_the_layout_the_downloaded_files_have(
+    hub_env: SeededHubServer, models: ModelFactory, tmp_path: Path
+) -> None:
+    from huggingface_hub import snapshot_download
+
+    from mergejob.io.checkpoint import CheckpointIndex
+    from mergejob.io.headers import read_remote_header
+
+    base = models.base(max_shard_size="20KB")
+    api = HfApi(token=hub_env.alice_token)
+    api.create_repo("org/tiny")
+    commit = api.upload_folder(repo_id="org/tiny", folder_path=base).oid
+    local = CheckpointIndex.from_folder(base)
+    folder = tmp_path / "not-yet-downloaded"
+    sizes = {f.path: f.size for f in api.get_paths_info("org/tiny", local.shards, revision=commit)}
+    headers = {
+        name: read_remote_header(
+            "org/tiny",
+            name,
+            commit=commit,
+            file_size=sizes[name],
+            local_path=folder / name,
+            token=hub_env.alice_token,
+        )
+        for name in local.shards
+    }
+    remote = CheckpointIndex.from_headers(folder, headers)
+    downloaded = Path(snapshot_download("org/tiny", revision=commit, token=hub_env.alice_token))
+    on_disk = CheckpointIndex.from_folder(downloaded)
+    assert list(remote.tensors) == list(on_disk.tensors)
+    for name, ref in remote.tensors.items():
+        other = on_disk.tensors[name]
+        assert (ref.dtype, ref.shape, ref.offset, ref.nbytes, ref.shard) == (
+            other.dtype,
+            other.shape,
+            other.offset,
+            other.nbytes,
+            other.shard,
+        )

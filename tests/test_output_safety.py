@@ -339,3 +339,19 @@ def test_publishing_a_folder_the_branch_holds_already_commits_nothing(
     third = publish_folder(finished, target, token=hub.alice_token)
     assert third.commit_oid != first.commit_oid
     assert len(hub_commits(hub, "org/merged")) == 3
+
+
+def test_a_publish_only_rerun_with_another_config_publishes_it(
+    inputs: Path, tmp_path: Path, hub_env: SeededHubServer
+) -> None:
+    hub = hub_env
+    env = publish_env(hub, tmp_path / "home")
+    flags = merge_flags(inputs, "org/merged", "--push_to_hub")
+    code, log = mergejob("merge", *flags, kill_at="renamed", **env)  # the marker stays
+    assert code == -signal.SIGKILL, log
+    code, log = mergejob("merge", *flags, "--set-config", "use_cache=false", **env)
+    assert code == 0 and "nothing to do" not in log, log
+    assert len(hub_commits(hub, "org/merged")) == 3
+    code, log = mergejob("merge", *flags, **env)  # the first job again: the Hub is not it now
+    assert code == 0 and "nothing to do" not in log, log
+    assert len(hub_commits(hub, "org/merged")) == 4

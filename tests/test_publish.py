@@ -302,7 +302,8 @@ def test_a_rerun_after_a_failed_publish_merges_nothing_again(
     code, _, err = run_cli(*merge_args("--push_to_hub", *extra))
     assert code == 0, err
     assert written == [], f"merged again after the failed publish: {written}"
-    assert f"resumed: {len(merged_first)} shard(s) were finished already, 0 merged now" in err
+    # The folder was complete (recipe and all): published as it is, nothing merged or written.
+    assert "written by an earlier run of this job; merging nothing" in err
     assert uploaded_twice(hub) == []
     if local:  # the finished folder holds no engine records
         assert (

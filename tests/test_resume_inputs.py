@@ -170,6 +170,4 @@ def test_a_rerun_keeps_shards_whose_inputs_are_unchanged_and_says_what_it_hashes
         )
     )
     for shard in plan.shards:
-        assert (partial / shard.name).read_bytes() == (
-            tmp_path / "clean" / shard.name
-        ).read_bytes()
+        assert (partial / shard.name).read_bytes() == (tmp_path / "clean" / shard.name).read_bytes()

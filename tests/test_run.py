@@ -197,7 +197,8 @@ def test_bad_spec_wrong_type(job, run_cli, tmp_path: Path) -> None:
 def test_bad_spec_missing_required_field(run_cli, tmp_path: Path) -> None:
     code, err = run_spec(run_cli, tmp_path, "base: b\noutput: {dir: o}\n")
     assert code == 2
-    assert "--peft_model_paths: required" in err
+    # The spec file and the field it lacks (not a flag: the job came from the file).
+    assert "spec.yaml: adapters: is required" in err
 
 
 def test_bad_spec_negative_weight_with_the_peft_engine(job, run_cli, tmp_path: Path) -> None:

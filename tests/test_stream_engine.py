@@ -20,6 +20,7 @@ from mergejob.engines import stream_compute
 from mergejob.engines.stream import finalize, merge_plan
 from mergejob.engines.worker import run_worker
 from mergejob.errors import (
+    DtypeRangeError,
     IncompatibleAdapterError,
     MergeFailedError,
     UnsupportedAdapterError,
@@ -363,24 +364,31 @@ def _poisoned(adapter: Path, dest: Path, value: float, scale: float = 1.0) -> Pa
     return dest
 
 
-def test_nan_in_a_merged_tensor_stops_the_merge(
+def test_nan_in_adapter_factors_is_bad_input_naming_the_file_and_tensor(
     job: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
+    from mergejob.errors import AdapterError
+
     base, adapters = job
     bad = _poisoned(adapters[0], tmp_path / "bad", float("nan"))
     out = tmp_path / "out"
-    with pytest.raises(MergeFailedError, match="NaN or inf after adapter"):
+    # Checked as the factors are read: bad input (exit 2), not a merge failure to retry.
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: tensor \S+lora_B"):
         mergejob.merge(_spec(base, [adapters[1], bad], out))
     _assert_nothing_left(out)
 
 
 def test_fp16_overflow_stops_the_merge(models: Any, tmp_path: Path) -> None:
+    """A merged tensor float16 cannot hold is bad input (exit 2: a retry overflows again),
+    named with the dtype that holds it. A converted one: tests/test_output_range.py."""
     base = models.base(family="llama", dtype=torch.float16, seed=10)
     adapter = models.adapter(base, target_modules=["q_proj"], seed=26)
     bad = _poisoned(adapter, tmp_path / "big", 1e6, scale=1.0)
     out = tmp_path / "out"
-    with pytest.raises(MergeFailedError, match="beyond what float16 holds"):
+    with pytest.raises(DtypeRangeError, match="beyond what float16 holds") as caught:
         mergejob.merge(_spec(base, [bad], out))
+    assert caught.value.exit_code == 2
+    assert "q_proj.weight" in str(caught.value) and "--dtype bfloat16" in str(caught.value)
     _assert_nothing_left(out)
 
 

@@ -102,9 +102,9 @@ def test_verify_passes_on_every_matrix_output(outputs: dict[str, Path], name: st
     assert len(report.checks) == report.tensors_total
     merged = [c for c in report.checks if c.kind == "merged"]
     assert merged, "the matrix output changes some tensors"
-    if name != "peft-engine" and len(MATRIX[name][1]) == 1 and not name.startswith("dora"):
-        assert report.tolerance_ulps == 0  # one adapter through the stream engine: bit-exact
-        assert all(c.max_ulps == 0 for c in merged)
+    if name != "peft-engine":
+        assert report.tolerance_ulps == 1  # the stream engine rounds once, whatever it merges
+        assert all(c.max_ulps == 0 and c.share_off == 0 for c in merged)  # bit-exact on a CPU
     if report.logits is not None:
         assert report.logits["ok"] and not report.logits.get("skipped"), report.logits
 
@@ -131,19 +131,19 @@ def test_one_ulp_beyond_the_tolerance_fails(
     out = tmp_path / "lora"
     shutil.copytree(outputs["lora"], out)
     name = "model.layers.1.self_attn.v_proj.weight"
-    alter(out, name, lambda t: step(t, 7, 1))
+    alter(out, name, lambda t: step(t, 7, 2))
     code, stdout, _ = run_cli("verify", out, "--all", "--no-logits")
     assert code == 1
     assert "FAILED" in stdout
-    assert f"{name}: 1 ulp" in stdout
+    assert f"{name}: 2 ulp (tolerance 1)" in stdout
 
 
 def test_beyond_the_tolerance_of_several_adapters_fails(
     models, outputs: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "two"
-    shutil.copytree(outputs["two-weighted"], out)
-    _, adapters, _ = MATRIX["two-weighted"]
+    shutil.copytree(outputs["peft-engine"], out)  # PEFT rounds after each adapter
+    _, adapters, _ = MATRIX["peft-engine"]
     base = models.base()
     name = "model.layers.0.self_attn.q_proj.weight"  # both adapters change it
     weights = [load_adapter(models.adapter(base, **kw), weight=w) for kw, w in adapters]
@@ -151,8 +151,11 @@ def test_beyond_the_tolerance_of_several_adapters_fails(
     expected = expected_tensor(name, base_tensor, weights)
     assert expected is not None
     want = expected.value.to(torch.bfloat16)
-    # An element whose scale is its own magnitude: k representable steps there are k ulps.
+    got = load_file(str(out / CheckpointIndex.from_folder(out).tensors[name].shard))[name]
+    # An element whose scale is its own magnitude: k representable steps there are k ulps;
+    # and one PEFT's rounding left on the reference's value.
     own = ulp_of(expected.scale, torch.bfloat16) == ulp_of(want.float(), torch.bfloat16)
+    own &= got == want
     index = int(torch.where(own.view(-1), want.float().abs().view(-1), -1).argmax())
     tolerance = verify_output(out, logits=False).tolerance_ulps
     assert tolerance == 2

@@ -125,7 +125,14 @@ def test_logits_pass_for_a_head_lora_on_an_untied_and_a_tied_base(
 ) -> None:
     # mergekit-extract-lora adds a LoRA on lm_head; Llama-3-70B does not tie its head.
     base = models.base(tie_word_embeddings=tied)
-    adapter = models.adapter(base, target_modules=["q_proj", "v_proj", "lm_head"], seed=7)
+    made = models.adapter(base, target_modules=["q_proj", "v_proj", "lm_head"], seed=7)
+    # PEFT also saves the head it wrapped (lm_head.base_layer.weight), which would put the
+    # base's head back over anything verify did to it; extracted adapters hold the LoRA only.
+    adapter = shutil.copytree(made, tmp_path / "extracted")
+    weights = adapter / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(str(weights)).items() if "base_layer" not in k}
+    assert any("lm_head.lora_B" in k for k in tensors)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     out = merge(base, [adapter], tmp_path / "out", "stream")
     report = verify_output(out, all_tensors=True)
     assert report.logits is not None and not report.logits.get("skipped"), report.logits

@@ -3,9 +3,9 @@
 ``main`` is the entry point of the ``mergejob`` script and, through ``hf_main``, of the
 ``hf-mergejob`` script that the Hugging Face CLI runs as ``hf mergejob`` (an extension).
 The flags shared by several commands live in :mod:`mergejob.cli.args`; each command module
-(:mod:`~mergejob.cli.merge`, :mod:`~mergejob.cli.job`, :mod:`~mergejob.cli.launch`) adds its
-commands, and imports torch only inside the commands that merge, so ``--help``, ``render``
-and ``schema`` start fast.
+(:mod:`~mergejob.cli.merge`, :mod:`~mergejob.cli.extract`, :mod:`~mergejob.cli.job`,
+:mod:`~mergejob.cli.launch`) adds its commands, and imports torch only inside the commands
+that merge or extract, so ``--help``, ``render`` and ``schema`` start fast.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from mergejob.cli import job, launch, merge
+from mergejob.cli import extract, job, launch, merge
 from mergejob.cli.args import ArgumentParser
 from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, MergeJobError
 from mergejob.logs import hide_secrets, quiet_library_bars, scrub_secrets, setup_logging
@@ -41,6 +41,7 @@ def build_parser(prog: str = "mergejob") -> argparse.ArgumentParser:
     parser.add_argument("--log-format", choices=("text", "json"), help="log line format")
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     merge.register(sub)
+    extract.register(sub)
     job.register(sub)
     launch.register(sub)
     return parser
@@ -104,7 +105,8 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 def os_error_in(exc: BaseException) -> tuple[int, str | None] | None:
     """The errno (and file, if known) of the OS error behind ``exc``: ``exc`` itself, an
-    error it was raised from, or a library error that quotes one ("(os error 28)")."""
+    error it was raised from (``raise ... from``), or a library error that quotes one
+    ("(os error 28)", safetensors' Rust I/O errors)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -115,7 +117,7 @@ def os_error_in(exc: BaseException) -> tuple[int, str | None] | None:
         match = _RUST_OS_ERROR.search(str(current))
         if match:
             return int(match.group(1)), None
-        current = current.__cause__ or current.__context__
+        current = current.__cause__  # only "raise ... from": a bug while handling one is a bug
     return None
 
 

@@ -96,28 +96,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
         "--push_to_hub", "--push-to-hub", dest="push_to_hub", action="store_true", default=None,
         help="publish the merged model to the Hub repo named by --output_dir",
     )  # fmt: skip
-    hub = parser.add_argument_group(
-        "publishing (with --push_to_hub, or publish.repo_id in the spec; token: HF_TOKEN or "
-        "HF_TOKEN_PATH)"
-    )
-    hub.add_argument(
-        "--local-dir", "--local_dir", dest="local_dir", metavar="DIR",
-        help="keep the local copy here (default: a temporary folder, removed once published)",
-    )  # fmt: skip
-    hub.add_argument("--private", action="store_true", default=None,
-                     help="create the repo private (an existing repo keeps its visibility)")  # fmt: skip
-    hub.add_argument(
-        "--branch", "--hub-revision", dest="hub_revision", metavar="BRANCH",
-        help="commit to this branch of the repo (created if missing; default: main)",
-    )  # fmt: skip
-    hub.add_argument("--create-pr", "--create_pr", dest="create_pr", action="store_true",
-                     default=None, help="open a pull request instead of committing")  # fmt: skip
-    hub.add_argument("--commit-message", "--commit_message", dest="commit_message",
-                     metavar="TEXT", help="summary line of the commit")  # fmt: skip
-    hub.add_argument(
-        "--delete-uploaded", "--delete_uploaded", dest="delete_uploaded", action="store_true",
-        default=None, help="free each local shard once it is on the Hub (bounded disk use)",
-    )  # fmt: skip
+    add_publish_arguments(parser)
     job.add_argument(
         "--trust_remote_code", "--trust-remote-code", dest="trust_remote_code",
         action="store_true", default=None, help="allow custom model code (peft engine)",
@@ -149,6 +128,32 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
     job.add_argument(
         "--config-from", "--config_from", dest="config_from", metavar="ID_OR_PATH",
         help="take config.json from this model (same architecture and shapes)",
+    )  # fmt: skip
+
+
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a job publishes (with ``--push_to_hub``): shared by ``merge`` and ``extract``."""
+    hub = parser.add_argument_group(
+        "publishing (with --push_to_hub, or publish.repo_id in the spec; token: HF_TOKEN or "
+        "HF_TOKEN_PATH)"
+    )
+    hub.add_argument(
+        "--local-dir", "--local_dir", dest="local_dir", metavar="DIR",
+        help="keep the local copy here (default: a temporary folder, removed once published)",
+    )  # fmt: skip
+    hub.add_argument("--private", action="store_true", default=None,
+                     help="create the repo private (an existing repo keeps its visibility)")  # fmt: skip
+    hub.add_argument(
+        "--branch", "--hub-revision", dest="hub_revision", metavar="BRANCH",
+        help="commit to this branch of the repo (created if missing; default: main)",
+    )  # fmt: skip
+    hub.add_argument("--create-pr", "--create_pr", dest="create_pr", action="store_true",
+                     default=None, help="open a pull request instead of committing")  # fmt: skip
+    hub.add_argument("--commit-message", "--commit_message", dest="commit_message",
+                     metavar="TEXT", help="summary line of the commit")  # fmt: skip
+    hub.add_argument(
+        "--delete-uploaded", "--delete_uploaded", dest="delete_uploaded", action="store_true",
+        default=None, help="free each local shard once it is on the Hub (bounded disk use)",
     )  # fmt: skip
 
 
@@ -266,12 +271,21 @@ def spec_from_args(
             f"{publish_flags[0]}: only when publishing; add --push_to_hub with the repo id "
             "as --output_dir"
         )
-    if "base.path" not in flags and "base" not in file_data and not _layers_have(layers, "base"):
+    # Without a spec file, name the flag; with one, its validation names the file and the
+    # key (and the nearest valid key for a typo such as "adapter:").
+    if (
+        not config
+        and "base.path" not in flags
+        and "base" not in file_data
+        and not _layers_have(layers, "base")
+    ):
         raise SpecError("--base_model_name_or_path: required (or give --config SPEC)")
     if (
-        "adapters" not in flags
+        not config
+        and "adapters" not in flags
         and "adapters" not in file_data
         and not _layers_have(layers, "adapters")
+        and not _layers_have(layers, "extract")  # an extraction has no adapters
     ):
         raise SpecError("--peft_model_paths: required (or give --config SPEC)")
     all_labels = {**(labels or {}), **flag_labels(flags)}

@@ -23,7 +23,7 @@ from mergejob.cli.args import (
     recorded_inputs_of,
     spec_from_args,
 )
-from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from mergejob.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, SpecError
 from mergejob.spec import MergeSpec, load_spec_file, run_sources
 
 log = logging.getLogger("mergejob")
@@ -99,8 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tolerance-ulps",
         type=int,
         default=None,
-        help="allowed difference in ulps of the output dtype (default: DESIGN.md's tolerance, "
-        "0 for one adapter through the stream engine, else 1 per adapter)",
+        help="allowed difference in ulps of the output dtype (default: from the engine in the "
+        "recipe: 1 for the stream engine, 1 per adapter for the peft engine)",
     )
     verify.add_argument("--no-logits", action="store_true", help="skip the logits check")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -147,11 +147,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return print_plan(spec, as_json=False, token=token)
     split = args.finalize or args.index is not None or args.index_count is not None
+    if spec.task == "extract":
+        return run_extract(spec, token, split=split, config=config)
     if split or settings.index_variables()[1]:
         return run_split(args, spec, token, config=config)
     from mergejob.pipeline import merge  # torch: only for a command that merges
 
     result = merge(spec, token=token, recorded_inputs=recorded_inputs_of(config))
+    print(result.summary())
+    return EXIT_OK
+
+
+def run_extract(spec: MergeSpec, token: str | None, *, split: bool, config: str | None) -> int:
+    """``mergejob run`` of a spec with an ``extract:`` section: one process extracts it."""
+    if split or settings.index_variables()[1]:
+        raise SpecError(
+            "--index/--index-count/--finalize: an extraction runs in one pod (its spec has an "
+            "extract: section); submit it without --workers"
+        )
+    from mergejob.extraction.job import extract  # torch: only for a command that works
+
+    result = extract(spec, token=token, recorded_inputs=recorded_inputs_of(config))
     print(result.summary())
     return EXIT_OK
 
@@ -200,6 +216,12 @@ def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: boo
     """Build the job's plan report, print it, and return the exit code it calls for."""
     from mergejob.plan.report import plan_report  # reads headers over the Hub client
 
+    if spec.task == "extract":
+        from mergejob.extraction.report import extraction_plan_report
+
+        extraction = extraction_plan_report(spec, token=token, strict=strict)
+        print(json.dumps(extraction.to_dict(), indent=2) if as_json else extraction.render())
+        return EXIT_OK if extraction.ok else EXIT_BAD_INPUT
     report = plan_report(spec, token=token, strict=strict)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -10,7 +10,7 @@ from mergejob.cli.args import (
     recorded_inputs_of,
     spec_from_args,
 )
-from mergejob.errors import EXIT_OK
+from mergejob.errors import EXIT_OK, SpecError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mergejob.pipeline import merge  # torch: only for a command that merges
 
     spec = spec_from_args(args, config=args.config)
+    if spec.task == "extract":
+        raise SpecError(
+            f"{args.config}: has an extract: section; run it with mergejob extract --config "
+            "(or mergejob run --config)"
+        )
     result = merge(spec, recorded_inputs=recorded_inputs_of(args.config))
     print(result.summary())
     return EXIT_OK

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,13 +19,18 @@ import torch
 
 from mergejob import model_config, settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
-from mergejob.errors import AdapterError, SpecError
-from mergejob.io.headers import read_tensors
+from mergejob.errors import AdapterError, DtypeRangeError, MergeFailedError, SpecError
+from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.headers import FLOAT_DTYPES, TensorRef, read_tensors
+from mergejob.io.reader import FileReader
+from mergejob.io.values import holds, narrower, range_message, value_range
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.sources import ResolvedSource
 from mergejob.spec import EngineSpec, parse_max_memory
 
 log = logging.getLogger(__name__)
+
+NOTHING_WRITTEN = "; nothing was written"
 
 
 def device_map_for(engine: EngineSpec) -> dict[str, Any]:
@@ -86,7 +92,57 @@ def merge_with_peft(job: PreparedJob, out_dir: Path) -> EngineReport:
         if offload:
             for staged in Path(offload).glob("mergejob-*"):
                 shutil.rmtree(staged, ignore_errors=True)
+    check_saved_values(out_dir, job.output_dtype, job.base.local_dir)
     return EngineReport(engine="peft")
+
+
+def check_saved_values(out_dir: Path, dtype: str, base_dir: Path) -> None:
+    """Refuse a saved output with a tensor that is not finite where the base's is.
+
+    transformers loads the whole base in the output dtype and PEFT merges in it, so
+    ``--dtype float16`` turns a bf16 weight beyond 65504 into inf silently, in a tensor
+    an adapter changed or not. Every saved tensor is scanned (streamed, once: cheap next to
+    the merge); a NaN or inf the base itself holds there is kept, as the stream engine keeps
+    it. Raises :class:`DtypeRangeError` (the output dtype is too narrow) or
+    :class:`MergeFailedError` (the merge itself made NaN or inf in float32).
+    """
+    started = time.monotonic()
+    saved = CheckpointIndex.from_folder(out_dir).tensors
+    base: dict[str, TensorRef] | None = None
+    reader = FileReader()
+    try:
+        for ref in saved.values():
+            if ref.dtype not in FLOAT_DTYPES or not value_range(reader, ref).nonfinite:
+                continue
+            if base is None:
+                base = CheckpointIndex.from_folder(base_dir).tensors
+            own = value_range(reader, base[ref.name]) if ref.name in base else None
+            if own is not None and own.nonfinite:
+                continue  # the base's own NaN/inf, written as the base has it
+            if not narrower(dtype, "float32"):
+                raise MergeFailedError(
+                    f"{ref.name}: the merged tensor holds NaN or inf: an adapter's factors hold "
+                    f"NaN/inf or make the weights explode{NOTHING_WRITTEN}"
+                )
+            # The base's largest value says how far, when the base alone is beyond the dtype.
+            beyond = own is not None and not holds(dtype, own.magnitude)
+            raise DtypeRangeError(
+                range_message(
+                    ref.name,
+                    dtype,
+                    own.magnitude if own is not None and beyond else None,
+                    what="the merged model's tensor",
+                )
+                + NOTHING_WRITTEN
+            )
+    finally:
+        reader.close()
+    log.info(
+        "checked that %d saved tensors are finite in %s (%.1fs)",
+        len(saved),
+        dtype,
+        time.monotonic() - started,
+    )
 
 
 def check_adapter_finite(adapter_dir: Path) -> None:

@@ -15,8 +15,10 @@ does not depend on how many workers there are, and neither do its bytes: every t
 computed by the same expressions whichever worker computes it. The rest of the folder
 (config.json, tokenizer, card, recipe) is written by :mod:`mergejob.output` and the pipeline.
 
-Each finished shard leaves a record (name, size, sha256, plan id) in the partial folder; a
-rerun after a crash skips shards whose record and checksum hold and redoes the rest.
+Each finished shard leaves a record (name, size, sha256, plan id, and the sha256 of the input
+files it read) in the partial folder; a rerun after a crash skips shards whose record and
+checksum hold and whose inputs are still those bytes, and redoes the rest
+(:mod:`mergejob.engines.shard_inputs`).
 ``on_shard_done(path)`` is called for every finished shard (those an earlier run finished
 too), so a publisher can upload it while the next ones merge.
 

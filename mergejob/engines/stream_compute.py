@@ -40,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mergejob.errors import AdapterError, MergeFailedError
+from mergejob.errors import AdapterError, DtypeRangeError, MergeFailedError
 from mergejob.io.headers import TensorRef
 from mergejob.io.reader import FileReader, byte_view
+from mergejob.io.values import narrower, range_message, rounding_limit
 from mergejob.plan.cost import CHUNK_BYTES, COPY_BYTES
 from mergejob.plan.work import OutputTensor, TensorOp
 
@@ -51,14 +52,7 @@ from mergejob.plan.work import OutputTensor, TensorOp
 # block is summed as in the whole product (checked on thousands of shapes; see the tests).
 MIN_BLOCK = 64
 RING_SLOTS = 4  # buffers between computing and writing, besides one per lane
-
-
-def rounding_limit(dtype: torch.dtype) -> float:
-    """The smallest magnitude that rounds to inf in ``dtype`` (max plus half a step)."""
-    info = torch.finfo(dtype)
-    if dtype == torch.float32:
-        return math.inf
-    return float(info.max) + float(info.eps) * 2.0 ** math.floor(math.log2(info.max)) / 2
+NOTHING_WRITTEN = "; nothing was written"
 
 
 @dataclass
@@ -200,10 +194,18 @@ class TensorComputer:
         assert source is not None
         rows, cols = _rows_and_cols(tensor.shape)
         out_dtype = getattr(torch, tensor.dtype)
+        check = narrower(tensor.dtype, source.dtype)  # float16 from bf16/fp32: may overflow
         for row0, row1 in row_blocks(rows, cols):
             src = self._read_rows(source, row0, row1, cols)
             slot, raw = self.ring.acquire((row1 - row0) * cols * _itemsize(out_dtype))
-            raw.view(out_dtype).view(row1 - row0, cols).copy_(src)
+            out = raw.view(out_dtype).view(row1 - row0, cols)
+            out.copy_(src)
+            if check:
+                try:
+                    _check_converted(tensor, src, out)
+                except BaseException:
+                    self.ring.release(slot)
+                    raise
             yield Chunk(byte_view(raw), slot)
 
     def _merge(self, tensor: OutputTensor) -> Iterator[Chunk]:
@@ -246,7 +248,14 @@ class TensorComputer:
         limit = rounding_limit(out_dtype)
         low, high = torch.aminmax(w32)  # NaN propagates; inf and overflow show here
         if not (-limit < float(low) and float(high) < limit):
-            raise MergeFailedError(_nan_message(tensor, float(low), float(high)))
+            if math.isfinite(float(low)) and math.isfinite(float(high)):
+                # Finite in fp32, beyond the output dtype: bad input (the dtype asked for).
+                magnitude = max(abs(float(low)), abs(float(high)))
+                raise DtypeRangeError(
+                    range_message(tensor.name, tensor.dtype, magnitude, what=_merged(tensor))
+                    + NOTHING_WRITTEN
+                )
+            raise MergeFailedError(_nan_message(tensor))
         slot, raw = self.ring.acquire((row1 - row0) * cols * _itemsize(out_dtype))
         out = raw.view(out_dtype).view(row1 - row0, cols)
         if self.device.type == "cpu":
@@ -344,16 +353,28 @@ def dora_merge(
     return factor * (weight + delta)
 
 
-def _nan_message(tensor: OutputTensor, low: float, high: float) -> str:
+def _merged(tensor: OutputTensor) -> str:
     adapters = ", ".join(str(op.adapter) for op in tensor.ops)
-    if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
-        why = "an adapter's factors hold NaN/inf or make the weights explode"
-    else:
-        why = (
-            f"values reach {max(abs(low), abs(high)):.4g}, beyond what {tensor.dtype} holds "
-            "(pass --dtype bfloat16 or float32)"
-        )
+    return f"the merged tensor (after adapter(s) {adapters}, 0 = first)"
+
+
+def _nan_message(tensor: OutputTensor) -> str:
     return (
-        f"{tensor.name}: the merged tensor holds NaN or inf after adapter(s) {adapters} "
-        f"(0 = first): {why}; nothing was written"
+        f"{tensor.name}: {_merged(tensor)} holds NaN or inf: an adapter's factors hold "
+        "NaN/inf or make the weights explode; nothing was written"
     )
+
+
+def _check_converted(tensor: OutputTensor, src: torch.Tensor, out: torch.Tensor) -> None:
+    """Refuse an unchanged tensor whose conversion to a narrower dtype made a value inf
+    (a value already NaN or inf in the base stays as the base has it, as a copy would)."""
+    low, high = (float(v) for v in torch.aminmax(out))
+    if math.isfinite(low) and math.isfinite(high):
+        return
+    overflow = torch.isfinite(src) & ~torch.isfinite(out)
+    if bool(overflow.any()):
+        magnitude = float(src[overflow].float().abs().max())
+        raise DtypeRangeError(
+            range_message(tensor.name, tensor.dtype, magnitude, what="the base tensor")
+            + NOTHING_WRITTEN
+        )

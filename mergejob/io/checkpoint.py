@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mergejob import settings
 from mergejob.errors import ModelError
-from mergejob.io.headers import FLOAT_DTYPES, TensorRef, read_header
+from mergejob.io.headers import FLOAT_DTYPES, SafetensorsHeader, TensorRef, read_header
 
 
 @dataclass
@@ -51,6 +51,16 @@ class CheckpointIndex:
             header = read_header(folder / shard, check_size=check_size)
             index.metadata.update(header.metadata)
             index.tensors.update(header.tensors())
+        return index
+
+    @classmethod
+    def from_headers(cls, folder: Path, headers: dict[str, SafetensorsHeader]) -> CheckpointIndex:
+        """The layout of a checkpoint whose shards are not on disk yet (a Hub base still to
+        be downloaded into ``folder``), from their headers (shard name -> header)."""
+        index = cls(folder=Path(folder), shards=sorted(headers))
+        for shard in index.shards:
+            index.metadata.update(headers[shard].metadata)
+            index.tensors.update(headers[shard].tensors())
         return index
 
     def stored_dtype(self) -> str:

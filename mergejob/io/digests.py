@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import re
@@ -147,10 +148,8 @@ class FileDigests:
                     self._threads -= 1
                     return
                 key = self._queue.popleft()
-            try:
+            with contextlib.suppress(Exception):  # kept for the caller that asks for this file
                 self.get(key)
-            except BaseException:  # kept for the caller that asks for this file
-                pass
 
     def hash_all(
         self, paths: Iterable[str | os.PathLike[str]], *, threads: int = 4

@@ -160,17 +160,8 @@ def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHead
             file_size = handle.tell()
     except FileNotFoundError:
         raise ModelError(f"{path}: shard named in the index is missing") from None
-    try:
-        entries = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(f"{path}: broken safetensors header (not JSON)") from None
-    if not isinstance(entries, dict):
-        raise ModelError(f"{path}: broken safetensors header")
-    metadata = entries.pop(METADATA_KEY, None) or {}
-    header = SafetensorsHeader(
-        path=path, entries=entries, metadata=metadata, length=length, file_size=file_size
-    )
-    for name, info in entries.items():
+    header = parse_header(path, raw, file_size=file_size)
+    for name, info in header.entries.items():
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not offsets or len(offsets) != 2:
             raise ModelError(f"{path}: broken safetensors header entry for {name}")
@@ -179,6 +170,64 @@ def read_header(path: Path | str, *, check_size: bool = True) -> SafetensorsHead
                 f"{path}: tensor {name} ends at byte {offsets[1]} but the file holds only "
                 f"{header.data_held} bytes of data (truncated download?)"
             )
+    return header
+
+
+def parse_header(path: Path, raw: bytes, *, file_size: int) -> SafetensorsHeader:
+    """The header whose JSON bytes are ``raw``, of a file of ``file_size`` bytes at ``path``
+    (which need not exist yet: a Hub shard still to be downloaded)."""
+    try:
+        entries = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{path}: broken safetensors header (not JSON)") from None
+    if not isinstance(entries, dict):
+        raise ModelError(f"{path}: broken safetensors header")
+    metadata = entries.pop(METADATA_KEY, None) or {}
+    return SafetensorsHeader(
+        path=path, entries=entries, metadata=metadata, length=len(raw), file_size=file_size
+    )
+
+
+def read_remote_header(
+    repo_id: str,
+    filename: str,
+    *,
+    commit: str,
+    file_size: int,
+    local_path: Path,
+    token: str | None = None,
+) -> SafetensorsHeader:
+    """The exact header of a Hub repo's safetensors file at ``commit``, read with HTTP range
+    requests (kilobytes), as it will be read from ``local_path`` once downloaded: the byte
+    offsets are those of the real file (the header's own length, not a re-encoding)."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=constants.ENDPOINT)
+    headers = build_hf_headers(token=token)
+    first = 100_000  # most headers fit: one request (as huggingface_hub does)
+    reply = get_session().get(url, headers={**headers, "range": f"bytes=0-{first - 1}"})
+    hf_raise_for_status(reply)
+    content = reply.content
+    if len(content) < LENGTH_BYTES:
+        raise ModelError(f"{repo_id}/{filename}@{commit[:12]}: not a safetensors file")
+    (length,) = struct.unpack("<Q", content[:LENGTH_BYTES])
+    if length > _MAX_HEADER:
+        raise ModelError(f"{repo_id}/{filename}: not a safetensors file (header length {length})")
+    if LENGTH_BYTES + length <= len(content):
+        raw = content[LENGTH_BYTES : LENGTH_BYTES + length]
+    else:
+        rest = f"bytes={LENGTH_BYTES}-{LENGTH_BYTES + length - 1}"
+        reply = get_session().get(url, headers={**headers, "range": rest})
+        hf_raise_for_status(reply)
+        raw = reply.content
+    if len(raw) != length:
+        raise ModelError(f"{repo_id}/{filename}: truncated safetensors header")
+    header = parse_header(local_path, raw, file_size=file_size)
+    for name, info in header.entries.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not offsets or len(offsets) != 2 or offsets[1] > header.data_held:
+            raise ModelError(f"{repo_id}/{filename}: broken safetensors header entry for {name}")
     return header
 
 

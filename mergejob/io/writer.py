@@ -21,13 +21,17 @@ from mergejob import settings
 from mergejob.io.headers import DTYPE_SIZES, METADATA_KEY, TORCH_TO_SAFETENSORS, encode_header
 
 
-def shard_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
+def shard_header(
+    entries: Sequence[tuple[str, str, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, list[int]]:
     """The header bytes of a shard holding ``(name, dtype, shape)`` in this data order.
 
     Returns the header (length prefix included, padded to 8 bytes with spaces as the
-    safetensors library does) and each tensor's byte size.
+    safetensors library does) and each tensor's byte size. ``metadata`` (string values, as
+    safetensors requires) joins ``format: pt`` in ``__metadata__``.
     """
-    meta: dict[str, object] = {METADATA_KEY: {"format": "pt"}}
+    meta: dict[str, object] = {METADATA_KEY: {"format": "pt", **(metadata or {})}}
     sizes: list[int] = []
     position = 0
     for name, dtype, shape in entries:

@@ -218,7 +218,6 @@ class LaunchOptions(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        _refuse_secrets(value, "an environment variable")
         for key in value:
             if not _ENV_NAME.match(key):
                 raise ValueError(f"{key!r} is not an environment variable name")
@@ -227,6 +226,7 @@ class LaunchOptions(BaseModel):
                     f"{key}: a token is never passed as a plain value (it would show in the Job "
                     "for anyone who can read it); put it in a Secret and name it with --secret"
                 )
+        _refuse_secrets(value, "an environment variable")
         return value
 
     @model_validator(mode="after")
@@ -631,6 +631,11 @@ def check_launch(spec: MergeSpec, options: LaunchOptions, *, local: bool = False
 
 def check_split_job(spec: MergeSpec, options: LaunchOptions, *, local: bool) -> None:
     """A merge split over pods needs the stream engine and storage every pod shares."""
+    if spec.task == "extract":
+        raise SpecError(
+            f"--workers {options.workers}: an extraction (a spec with an extract: section) "
+            "runs in one pod; drop --workers (--gpus N with --device auto uses every GPU)"
+        )
     if spec.engine.name != "stream":
         raise SpecError(
             f"--workers {options.workers}: needs the stream engine (--engine stream); the peft "

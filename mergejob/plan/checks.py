@@ -103,6 +103,8 @@ def input_folders(spec: MergeSpec) -> list[tuple[str, Path]]:
     sources += [("the adapter", adapter) for adapter in spec.adapters]
     if spec.config.config_from is not None:
         sources.append(("config_from", spec.config.config_from))
+    if spec.extract is not None:
+        sources.append(("the fine-tuned model", spec.extract.finetuned))
     found: list[tuple[str, Path]] = []
     hub: list[str] = []
     for role, source in sources:

@@ -38,7 +38,7 @@ from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, MergeJobError
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.header_view import header_view
-from mergejob.io.headers import file_size, hub_headers
+from mergejob.io.headers import FLOAT_DTYPES, TensorRef, file_size, hub_headers, read_header
 from mergejob.plan.checks import (
     Problems,
     check_lora_shapes,
@@ -113,6 +113,9 @@ class PlanReport:
     disk: dict[str, Any] = field(default_factory=dict)
     memory: list[MemoryEstimate] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # The base's values read to check the output dtype holds them (only when it is narrower
+    # than the stored one): {"dtype", "tensors", "bytes_read", "unread"}; empty: none read.
+    ranges: dict[str, Any] = field(default_factory=dict)
     strict: bool = False
 
     @property
@@ -170,6 +173,12 @@ class PlanReport:
             lines.append(f"memory, {m.engine} engine: {_size(m.host_bytes)} RAM{gpu}{note}")
         for engine, seconds in self.seconds.items():
             lines.append(f"time, {engine} engine: ~{_duration(seconds)}")
+        if self.ranges:
+            lines.append(
+                f"values: read {_size(self.ranges['bytes_read'])} of base weights "
+                f"({self.ranges['tensors']} tensors) to check that {self.ranges['dtype']} "
+                "holds them"
+            )
         lines.append("")
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
@@ -264,6 +273,7 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
         report.problems += view.problems
         plan = _fill(report, spec, view.folder, adapter_dirs, base.local_dir)
         _check_config(report, spec, view.folder, adapter_dirs, config_from)
+        _check_ranges(report, view.folder, base.local_dir)
         # Messages name the view's temporary folder where they mean the base.
         shown = str(base.local_dir)
         report.problems = _unique(p.replace(str(view.folder), shown) for p in report.problems)
@@ -511,6 +521,82 @@ def _check_config(
             report.config[key] = spec.config.overrides[key]
         elif config_from is not None:
             report.config["config_from"] = config_from.display
+
+
+def _check_ranges(report: PlanReport, view_dir: Path, base_dir: Path) -> None:
+    """The base tensors whose values the output dtype cannot hold, as problems.
+
+    Headers say nothing of values, so this reads them, only where the output dtype is
+    narrower than the stored one (float16 from bfloat16 or float32: the only case a real
+    weight overflows): a full read of those tensors, streamed in bounded chunks, logged
+    first. A base whose files are not on this machine (a Hub base not downloaded) is not
+    read: a notice says so, and the merge checks every tensor as it writes it.
+    """
+    # Here, not at the top: they import torch, which the rest of the report does not need.
+    from mergejob.io.reader import FileReader
+    from mergejob.io.values import holds, narrower, range_message, value_range
+
+    dtype = report.output_dtype
+    if dtype is None or dtype not in FLOAT_DTYPES:
+        return
+    try:
+        index = CheckpointIndex.from_folder(view_dir, check_size=False)
+    except MergeJobError:
+        return  # _fill reported it
+    refs = [
+        r for r in index.tensors.values() if r.dtype in FLOAT_DTYPES and narrower(dtype, r.dtype)
+    ]
+    if not refs:
+        return
+    # The values come from the base's own files (the view holds only their headers), where
+    # they are here in full.
+    readable: list[TensorRef] = []
+    unread: list[str] = []
+    for name in sorted({Path(r.path).name for r in refs}):
+        try:
+            header = read_header(Path(base_dir) / name, check_size=False)
+        except (OSError, MergeJobError):
+            unread.append(name)
+            continue
+        if header.data_held < header.data_declared:
+            unread.append(name)
+            continue
+        real = header.tensors()
+        readable += [real[r.name] for r in refs if Path(r.path).name == name and r.name in real]
+    if unread:
+        report.notices.append(
+            f"{len(unread)} base file(s) are not here in full (a Hub base not downloaded, or "
+            f"a truncated file), so their values were not checked against {dtype}'s range: "
+            f"{', '.join(unread[:5])}"
+            f"{' ...' if len(unread) > 5 else ''}; the merge stops at the first tensor "
+            f"{dtype} cannot hold"
+        )
+    if not readable:
+        return
+    stored = sorted({r.dtype for r in readable})
+    total = sum(r.nbytes for r in readable)
+    log.info(
+        "plan: reading %s of base weights stored as %s, to check that %s holds them",
+        _size(total),
+        "/".join(stored),
+        dtype,
+    )
+    reader = FileReader()
+    try:
+        for ref in readable:
+            found = value_range(reader, ref)
+            if not holds(dtype, found.magnitude):
+                report.problems.append(
+                    range_message(ref.name, dtype, found.magnitude, what="the base tensor")
+                )
+    finally:
+        reader.close()
+    report.ranges = {
+        "dtype": dtype,
+        "tensors": len(readable),
+        "bytes_read": total,
+        "unread": unread,
+    }
 
 
 # ---------------------------------------------------------------------------------------

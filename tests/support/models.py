@@ -258,6 +258,69 @@ def make_adapter(
     return dest
 
 
+def make_finetune(
+    base_dir: Path,
+    dest: Path,
+    *,
+    modules: Sequence[str] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+    rank: int = 4,
+    scale: float = 0.02,
+    norms: bool = False,
+    biases: bool = False,
+    resize_vocab_to: int | None = None,
+    rows_only: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "100KB",
+    seed: int = 2,
+) -> Path:
+    """A "fine-tune" of the model in ``base_dir`` whose difference from it is known: every
+    2-D weight of a module whose name ends with one of ``modules`` gets ``U @ V.T`` of rank
+    ``rank`` added (entries about ``scale``; for ``embed_tokens``/``lm_head`` too), then the
+    model is rounded to its dtype (``dtype``, default the base's) and saved with
+    ``save_pretrained``. Rounding makes ΔW full rank (noise of half an ulp everywhere) unless
+    ``rows_only``: the update then touches ``rank`` rows of each weight only, so the stored
+    ΔW has rank ``rank`` exactly, whatever the dtype (a fine-tune that moved a few tokens'
+    embeddings is such a case). ``norms`` scales every norm weight, ``biases`` shifts every bias;
+    ``resize_vocab_to`` grows the vocabulary (new rows random) and saves a tokenizer of that
+    size, as fine-tunes that add tokens do.
+    """
+    from transformers import AutoModelForCausalLM
+
+    generator = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    stored = dtype or next(
+        p.dtype
+        for p in AutoModelForCausalLM.from_pretrained(str(base_dir)).parameters()
+        if p.is_floating_point()
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            module, _, kind = name.rpartition(".")
+            if kind == "weight" and param.dim() == 2 and module.endswith(tuple(modules)):
+                rows, cols = param.shape
+                u = torch.randn(rows, rank, generator=generator)
+                if rows_only:
+                    keep = torch.randperm(rows, generator=generator)[:rank]
+                    u = torch.zeros_like(u).index_copy_(0, keep, u[keep])
+                v = torch.randn(cols, rank, generator=generator)
+                param.add_(u @ v.T * (scale / rank**0.5))
+            elif norms and kind == "weight" and param.dim() == 1:
+                param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif biases and kind == "bias":
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+        if resize_vocab_to is not None:
+            model.resize_token_embeddings(resize_vocab_to, mean_resizing=False)
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None:
+                    weight = cast(torch.Tensor, emb.weight)
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+    model = cast(Any, model).to(stored)
+    dest = Path(dest)
+    model.save_pretrained(str(dest), max_shard_size=max_shard_size)
+    make_tokenizer(dest, resize_vocab_to or model.config.vocab_size)
+    return dest
+
+
 class ModelFactory:
     """Builds tiny bases and adapters once per test session, keyed by their arguments."""
 
@@ -274,6 +337,13 @@ class ModelFactory:
         key = self._key("base", kwargs)
         if key not in self._made:
             self._made[key] = make_base(self.root / key, **kwargs)
+        return self._made[key]
+
+    def finetune(self, base: Path, **kwargs: Any) -> Path:
+        """A fine-tune of ``base`` made by ``make_finetune(base, ..., **kwargs)``, made once."""
+        key = self._key(f"finetune-{base.name}", kwargs)
+        if key not in self._made:
+            self._made[key] = make_finetune(base, self.root / key, **kwargs)
         return self._made[key]
 
     def adapter(self, base: Path, **kwargs: Any) -> Path:

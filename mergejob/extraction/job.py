@@ -1,0 +1,377 @@
+"""An extraction job, top to bottom, on the pipeline's own steps.
+
+``extract(spec)`` is what ``mergejob extract``, ``mergejob run`` (a spec with an
+``extract:`` section) and the Python API call. It walks the merge's path with the merge's
+pieces: :func:`mergejob.pipeline.open_output` (the Hub access checked first, the output
+folder checked and never one that would replace an input), the sources resolved like a
+merge's, the plan (:mod:`mergejob.extraction.plan`; every problem before any weight is read),
+the inputs hashed for the recipe on a thread beside the work (or checked against a recipe's
+record first), the engine (:mod:`mergejob.extraction.engine`, resumable per group), then the
+adapter, its config, the tokenizer, ``extraction.json``, the card and the recipe (last), and
+:func:`mergejob.pipeline.settle_output` (one Hub commit, the records dropped, the folder
+renamed into place).
+
+Example::
+
+    import mergejob
+    spec = mergejob.MergeSpec.model_validate({
+        "base": "./base",
+        "extract": {"finetuned": "./tuned", "max_rank": 32},
+        "output": {"dir": "./adapter"},
+    })
+    result = mergejob.extract(spec)
+    print(result.report["summary"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergejob import logs, output, pipeline, recipe, settings
+from mergejob.card import card_spec
+from mergejob.errors import InputError, SpecError
+from mergejob.extraction.card import write_card
+from mergejob.extraction.engine import ExtractionOutcome, run_extraction
+from mergejob.extraction.plan import ExtractionPlan, plan_extraction
+from mergejob.extraction.report import extraction_report, write_report
+from mergejob.extraction.writer import assemble_adapter, write_adapter_config
+from mergejob.recipe import Timings
+from mergejob.sources import BASE_PATTERNS, ResolvedSource, resolve_source
+from mergejob.spec import MergeSpec
+
+if TYPE_CHECKING:
+    from mergejob.publish import HubTarget, PublishResult
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "extract"
+
+
+@dataclass
+class ExtractResult:
+    """Where the adapter is, its report, and where it was published."""
+
+    output_dir: Path | None
+    report: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    published: PublishResult | None = None
+    already_finished: bool = False
+
+    def summary(self) -> str:
+        """What a command prints when the job is done."""
+        lines = []
+        if self.already_finished:
+            where = self.output_dir if self.output_dir is not None else "the Hub"
+            lines.append(f"{where} already holds this extraction: nothing to do")
+        else:
+            stats = self.report.get("summary", {})
+            lines.append(
+                f"extracted {stats.get('lora', 0)} LoRA module(s) (rank "
+                f"{stats.get('rank_min')}..{stats.get('rank_max')}, relative error at most "
+                f"{float(stats.get('error_max', 0.0)):.3g}) and {stats.get('full', 0)} whole "
+                f"module(s) in {self.seconds:.1f}s"
+            )
+            if self.output_dir is not None:
+                lines.append(f"adapter written to {self.output_dir}")
+        if self.published is not None:
+            where = self.published.pr_url or self.published.commit_url
+            lines.append(logs.published_line(self.published.url, where))
+        return "\n".join(lines)
+
+
+def resolve_inputs(
+    spec: MergeSpec, *, token: str | None = None, patterns: list[str] | None = None
+) -> tuple[ResolvedSource, ResolvedSource]:
+    """The base and the fine-tuned model as local folders (Hub ids fetched at a commit)."""
+    if spec.extract is None:
+        raise SpecError("extract: this spec merges adapters; it has no extract: section")
+    patterns = patterns or BASE_PATTERNS
+    base = resolve_source(spec.base, role="base model", patterns=patterns, token=token)
+    tuned = resolve_source(
+        spec.extract.finetuned, role="fine-tuned model", patterns=patterns, token=token
+    )
+    return base, tuned
+
+
+def resolved_spec(spec: MergeSpec, base: ResolvedSource, tuned: ResolvedSource) -> dict[str, Any]:
+    """The spec as the recipe records it: both models pinned (Hub commit, or absolute
+    path), the merge-only sections that an extraction leaves empty dropped."""
+    data = spec.to_dict()
+    data.pop("adapters", None)
+    data["base"] = recipe.pinned_source(base, data["base"])
+    data["extract"]["finetuned"] = recipe.pinned_source(tuned, data["extract"]["finetuned"])
+    out = data.get("output", {})
+    for key in ("dtype", "max_shard_size"):
+        out.pop(key, None)
+    if out.get("dir"):
+        out["dir"] = str(Path(out["dir"]).absolute())
+    engine = data.get("engine", {})
+    for key in ("name", "workers"):
+        engine.pop(key, None)
+    if data.get("config") == {"overrides": {}, "allow_unknown_keys": False}:
+        data.pop("config")
+    return data
+
+
+def input_records(
+    base: ResolvedSource, tuned: ResolvedSource, *, workers: int = 4
+) -> list[dict[str, Any]]:
+    """The recipe's ``inputs``: both models with the sha256 of the files an extraction reads."""
+    return [
+        recipe.source_record("base", base, BASE_PATTERNS, workers=workers),
+        recipe.source_record("finetuned", tuned, BASE_PATTERNS, workers=workers),
+    ]
+
+
+def holds_this_extraction(folder: Path, plan_id: str, resolved: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` (an output, or a partial folder) holds this very extraction: its
+    recipe agrees with its files, records this plan (layout, settings, input files) and the
+    same spec as the card shows it, published to the same repo."""
+    document = output.finished_recipe(folder)
+    if document is None or output.recipe_plan_id(document) != plan_id:
+        return False
+
+    def what(spec: Mapping[str, Any]) -> dict[str, Any]:
+        publish = spec.get("publish")
+        repo_id = publish.get("repo_id") if isinstance(publish, Mapping) else None
+        return {**card_spec(spec), "repo_id": repo_id}
+
+    return what(document) == what(resolved)
+
+
+def extract(
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
+) -> ExtractResult:
+    """Run the extraction ``spec`` describes (an ``extract:`` section) and return where the
+    adapter is. ``recorded_inputs``: a recipe's inputs this rerun must match (else
+    :class:`~mergejob.errors.InputsChangedError` before anything is written)."""
+    if spec.extract is None:
+        raise SpecError("extract: this spec merges adapters; run it with mergejob merge")
+    started = time.monotonic()
+    place = pipeline.open_output(spec, token=token)
+    timings = Timings()
+    with timings.phase("resolve"):
+        base, tuned = resolve_inputs(spec, token=place.token)
+    with timings.phase("plan"):
+        plan = plan_extraction(
+            spec.extract,
+            base.local_dir,
+            tuned.local_dir,
+            trust_remote_code=spec.base.trust_remote_code,
+        )
+        plan.raise_problems()
+        for notice in plan.notices:
+            log.info("notice: %s", notice)
+    resolved = resolved_spec(spec, base, tuned)
+    out_dir, partial = place.out_dir, output.partial_dir_for(place.out_dir)
+    finished = False
+    if place.maybe_finished and not partial.exists():
+        if place.temporary:
+            finished = output.published_for(out_dir, plan.plan_id)
+        else:
+            finished = holds_this_extraction(out_dir, plan.plan_id, resolved)
+    if finished:
+        log.info("%s already holds this extraction (plan %s): nothing to do", out_dir, plan.plan_id)
+        output.forget_published(out_dir)
+        return ExtractResult(
+            output_dir=None if place.temporary else out_dir.absolute(),
+            report=_read_report(out_dir),
+            files=[] if place.temporary else sorted(p.name for p in out_dir.iterdir()),
+            seconds=time.monotonic() - started,
+            already_finished=True,
+        )
+    if place.maybe_finished:
+        output.check_output_dir(out_dir, overwrite=place.overwrite)
+    complete = (partial / settings.RECIPE_FILE).is_file() and holds_this_extraction(
+        partial, plan.plan_id, resolved
+    )
+    inputs: Callable[[], list[dict[str, Any]]]
+    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
+        with timings.phase("inputs"):
+            checked = pipeline.compare_inputs(recorded_inputs, input_records(base, tuned))
+        inputs = lambda: checked  # noqa: E731 - one of two ways to the same answer
+    elif not complete:  # for the recipe, beside the extraction
+        inputs = pipeline.InputDigests(lambda: input_records(base, tuned, workers=1)).result
+    else:
+        inputs = lambda: input_records(base, tuned)  # noqa: E731 - never called: written
+    if not complete:
+        partial = output.open_partial(out_dir, resume=True)
+    try:
+        if complete:
+            log.info("%s holds this extraction already (an earlier run wrote it)", partial)
+            report = _read_report(partial)
+        else:
+            with timings.phase("extract", device=spec.engine.device):
+                outcome = run_extraction(plan, partial, device=spec.engine.device)
+            report = write_adapter(
+                spec,
+                plan,
+                outcome,
+                partial,
+                base,
+                tuned,
+                resolved,
+                place.target,
+                place.token,
+                timings,
+            )
+            write_recipe(
+                plan,
+                outcome,
+                partial,
+                resolved,
+                inputs(),
+                timings,
+                publishes=spec.publish is not None,
+            )
+        final, files, published = pipeline.settle_output(
+            out_dir,
+            partial,
+            temporary=place.temporary,
+            target=place.target,
+            plan_id=plan.plan_id,
+            timings=timings,
+            publish=lambda target: publish_adapter(spec, partial, target, base, tuned, place.token),
+        )
+    except BaseException as exc:
+        # With the recipe the folder is whole and only publishing is left; any other
+        # failure but bad input keeps the finished groups for the rerun.
+        if (partial / settings.RECIPE_FILE).is_file() or not isinstance(exc, InputError):
+            log.warning("kept %s: rerun the same job to resume from its finished groups", partial)
+        else:
+            output.discard_partial(out_dir)
+        raise
+    return ExtractResult(
+        output_dir=final,
+        report=report,
+        files=files,
+        seconds=time.monotonic() - started,
+        timings=dict(timings.seconds),
+        published=published,
+    )
+
+
+def _read_report(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(folder) / settings.EXTRACTION_REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_adapter(
+    spec: MergeSpec,
+    plan: ExtractionPlan,
+    outcome: ExtractionOutcome,
+    folder: Path,
+    base: ResolvedSource,
+    tuned: ResolvedSource,
+    resolved: Mapping[str, Any],
+    target: HubTarget | None,
+    token: str | None,
+    timings: Timings,
+) -> dict[str, Any]:
+    """Everything but the recipe: the adapter's safetensors and config, the fine-tune's
+    tokenizer (a merge of the adapter then carries it), ``extraction.json`` and the card.
+    Returns the report."""
+    with timings.phase("write"):
+        assemble_adapter(outcome.parts, folder)
+        rows = outcome.rows
+        ranks = {r["module"]: int(r["rank"]) for r in rows if r["status"] == "extracted"}
+        saved = [r["module"] for r in rows if r["status"] == "full"]
+        modules = sorted({name.rpartition(".")[0] for name in plan.base})
+        base_id = base.repo_id or str(Path(base.local_dir).absolute())
+        write_adapter_config(
+            folder,
+            ranks=ranks,
+            modules_to_save=saved,
+            all_modules=modules,
+            fan_in_fan_out=any(
+                m.transposed and m.kind == "lora" and m.module in ranks for m in plan.modules
+            ),
+            base_model_name_or_path=base_id,
+            revision=base.commit,
+            task_type=plan.task_type,
+        )
+        copied = output.copy_tokenizer(tuned.local_dir, folder)
+        if copied:
+            log.info("tokenizer from the fine-tuned model: %s", ", ".join(copied))
+        report = extraction_report(plan, rows, dropped=outcome.dropped)
+        write_report(folder, report)
+        write_card(
+            folder,
+            base=base,
+            tuned=tuned,
+            report=report,
+            resolved_spec=resolved,
+            repo_id=target.repo_id if target else None,
+            token=token,
+        )
+    return report
+
+
+def write_recipe(
+    plan: ExtractionPlan,
+    outcome: ExtractionOutcome,
+    folder: Path,
+    resolved: Mapping[str, Any],
+    inputs: list[dict[str, Any]],
+    timings: Timings,
+    *,
+    publishes: bool,
+) -> Path:
+    """``mergejob.yaml``, last: the resolved spec, the inputs' and every file's sha256, the
+    plan id (what a rerun recognises), versions and timings."""
+    engine = {
+        "name": ENGINE_NAME,
+        "device": resolved.get("engine", {}).get("device", "cpu"),
+        "plan_id": plan.plan_id,
+        "groups": len(outcome.parts),
+        "resumed_groups": outcome.resumed,
+    }
+    document = recipe.build_recipe(
+        spec=resolved,
+        inputs=inputs,
+        output_dir=folder,
+        engine=engine,
+        timings=timings.seconds,
+    )
+    if publishes:
+        document = recipe.without_local_paths(document)  # no home folder reaches the Hub
+    return recipe.write_recipe(folder, document)
+
+
+def publish_adapter(
+    spec: MergeSpec,
+    folder: Path,
+    target: HubTarget,
+    base: ResolvedSource,
+    tuned: ResolvedSource,
+    token: str | None,
+) -> PublishResult:
+    """One commit (or pull request) with every file of the adapter's folder."""
+    from mergejob import publish
+
+    options = spec.publish
+    message = (options.commit_message if options else None) or (
+        f"Upload a LoRA adapter extracted from {tuned.display} - {base.display} (mergejob)"
+    )
+    return publish.publish_folder(
+        folder,
+        target,
+        token=token,
+        commit_message=message,
+        commit_description=f"base: {base.display}\nfine-tuned: {tuned.display}",
+        delete_uploaded=bool(options and options.delete_uploaded),
+    )

@@ -1,0 +1,387 @@
+"""What an extraction did and what one would cost.
+
+``extraction_report`` is the report written as ``extraction.json`` beside the adapter (and as
+a table in its card): per module its kind, shape, rank, the kept fraction of ‖ΔW‖², the
+relative error ‖ΔW - B A‖_F / ‖ΔW‖_F of the factors as stored, and the Eckart-Young optimum
+``sqrt(Σ discarded σ²) / ‖ΔW‖_F`` where the full SVD gave it.
+
+``ExtractionPlanReport`` is what ``mergejob plan`` prints for an extraction: the modules (by
+kind and shape), the ranks it will allow, the SVD method, notices and problems, the adapter's
+largest size, the disk, the peak memory and a time estimate from throughput constants
+measured on the 2-core benchmark machine (``bench/bench_extract.py``; a faster machine
+finishes sooner, so they are an upper bound there).
+
+Example::
+
+    report = extraction_report(plan, outcome.rows, dropped=outcome.dropped)
+    write_report(folder, report)
+    print(markdown_table(report["modules"]))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergejob import settings
+from mergejob.extraction.plan import ExtractionPlan, ModuleWork, plan_extraction
+from mergejob.extraction.svd import OVERSAMPLE_MIN, uses_randomized
+from mergejob.extraction.writer import factor_bytes
+from mergejob.io.header_view import header_view
+from mergejob.io.headers import file_size, hub_headers
+from mergejob.spec import MergeSpec
+
+REPORT_FORMAT = 1
+GB = 10**9
+
+
+def extraction_report(
+    plan: ExtractionPlan, rows: Sequence[Mapping[str, Any]], *, dropped: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``extraction.json``: the settings, a summary, and one row per module."""
+    extracted = [r for r in rows if r.get("status") == "extracted"]
+    full = [r for r in rows if r.get("status") == "full"]
+    ranks = [int(r["rank"]) for r in extracted]
+    errors = [float(r["error"]) for r in extracted]
+    summary: dict[str, Any] = {
+        "modules": len(rows),
+        "lora": len(extracted),
+        "full": len(full),
+        "identical": sum(1 for r in rows if r.get("status") == "identical"),
+        "rank_min": min(ranks, default=0),
+        "rank_max": max(ranks, default=0),
+        "error_max": max(errors, default=0.0),
+        "error_mean": sum(errors) / len(errors) if errors else 0.0,
+    }
+    norms = [float(r.get("norm", 0.0)) for r in extracted]
+    total = sum(n * n for n in norms)
+    if total > 0:
+        # Over all LoRA modules together: the fraction of Σ‖ΔW‖² the adapter keeps.
+        kept = sum(float(r["kept"]) * n * n for r, n in zip(extracted, norms, strict=True))
+        summary["kept_overall"] = kept / total
+    return {
+        "format": REPORT_FORMAT,
+        "settings": plan.settings.model_dump(mode="json", exclude={"finetuned"}),
+        "summary": summary,
+        "dropped": list(dropped),
+        "excluded": list(plan.excluded),
+        "modules": [dict(r) for r in rows],
+    }
+
+
+def write_report(folder: Path, report: Mapping[str, Any]) -> Path:
+    """Write ``extraction.json`` (sorted keys, 2-space indent)."""
+    path = Path(folder) / settings.EXTRACTION_REPORT_FILE
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    if value == 0:
+        return "0"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The per-module table of the card (identical modules left out)."""
+    lines = [
+        "| module | kind | shape | rank | kept ‖ΔW‖² | relative error | optimum |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("status") == "identical":
+            continue
+        shape = "x".join(str(d) for d in row.get("shape", []))
+        kind = "full (modules_to_save)" if row.get("status") == "full" else str(row.get("kind"))
+        lines.append(
+            f"| `{row['module']}` | {kind} | {shape} | {row.get('rank', '-')} "
+            f"| {_number(row.get('kept'), 6)} | {_number(row.get('error'))} "
+            f"| {_number(row.get('optimal_error'))} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan of an extraction
+
+
+@dataclass(frozen=True)
+class ExtractThroughput:
+    """Rates of the time estimate, measured by ``bench/bench_extract.py`` on the 2-core
+    benchmark machine (bench/RESULTS.md); ``gpu_flops`` is an assumption (fp32 on one
+    datacenter GPU)."""
+
+    startup_s: float = 8.0  # imports (torch, transformers, peft)
+    read_bps: float = 0.4 * GB  # both checkpoints read with pread, fp32 ΔW formed
+    cpu_flops: float = 40e9  # fp32 GEMM, the randomized method's products
+    svd_flops: float = 1.5e9  # LAPACK's full SVD (gesdd), counted as 4m²n + 8m³
+    gpu_flops: float = 20e12
+    power_iterations: int = 8  # typical for fine-tuning deltas (at most 24)
+
+
+THROUGHPUT = ExtractThroughput()
+
+
+@dataclass
+class ModuleLine:
+    """Modules of one kind, leaf name and shape, as the plan lists them."""
+
+    name: str
+    kind: str
+    shape: list[int]
+    count: int
+    max_rank: int | None
+    method: str
+
+
+@dataclass
+class ExtractionPlanReport:
+    """Everything ``mergejob plan`` prints for an extraction."""
+
+    base: str
+    finetuned: str
+    output_dir: str | None
+    device: str
+    settings: dict[str, Any]
+    modules: list[ModuleLine] = field(default_factory=list)
+    tensors_total: int = 0
+    excluded: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    adapter_bytes_max: int = 0
+    read_bytes: int = 0
+    download_bytes: int = 0
+    disk_bytes: int = 0
+    memory_bytes: int = 0
+    gpu_bytes: int = 0
+    seconds: float = 0.0
+    strict: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not (self.strict and self.notices)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        data["task"] = "extract"
+        return data
+
+    def render(self) -> str:
+        """The human-readable plan."""
+        lines = [
+            f"plan: extract {self.finetuned} - {self.base} as a LoRA adapter -> "
+            f"{self.output_dir or '(no folder)'} (device {self.device})",
+            f"settings: max_rank {self.settings.get('max_rank')}, "
+            f"min_energy {self.settings.get('min_energy')}, "
+            f"sv_epsilon {self.settings.get('sv_epsilon')}, "
+            f"embeddings {self.settings.get('embeddings')}, svd {self.settings.get('svd')}, "
+            f"dtype {self.settings.get('dtype')}",
+            "",
+            f"modules: {sum(m.count for m in self.modules)} ({self.tensors_total} tensors)",
+        ]
+        for m in self.modules:
+            rank = f"rank <= {m.max_rank}" if m.max_rank is not None else "whole if changed"
+            lines.append(f"  {m.count:4d} x {m.name} {m.kind} {list(m.shape)}: {rank} ({m.method})")
+        if self.excluded:
+            lines.append(f"  left out by include/exclude: {len(self.excluded)}")
+        lines += [
+            "",
+            f"adapter: at most {_size(self.adapter_bytes_max)} (every module at its largest "
+            "rank, every full module changed)",
+            f"reads: {_size(self.read_bytes)} from both checkpoints"
+            + (f"; download {_size(self.download_bytes)}" if self.download_bytes else ""),
+            f"disk: {_size(self.disk_bytes)} needed (output, its parts, downloads)",
+            f"memory: {_size(self.memory_bytes)} RAM"
+            + (f", {_size(self.gpu_bytes)} per GPU" if self.gpu_bytes else "")
+            + " (the largest module's ΔW and decomposition)",
+            f"time: ~{_duration(self.seconds)}",
+            "",
+        ]
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            lines += [f"  - {p}" for p in self.problems]
+        else:
+            lines.append("problems: none")
+        if self.notices:
+            lines.append(f"notices ({len(self.notices)}):")
+            lines += [f"  - {n}" for n in self.notices]
+        return "\n".join(lines)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _leaf(module: str) -> str:
+    parts = module.split(".")
+    generic = [p if not p.isdigit() else "N" for p in parts]
+    return ".".join(generic)
+
+
+def _method(module: ModuleWork, plan: ExtractionPlan) -> str:
+    if module.kind == "full":
+        return "copied"
+    shape = (min(module.shape), max(module.shape))
+    return (
+        "randomized SVD"
+        if uses_randomized(shape, plan.settings.max_rank, plan.settings.svd)
+        else "full SVD"
+    )
+
+
+def _svd_cost(module: ModuleWork, plan: ExtractionPlan, throughput: ExtractThroughput) -> float:
+    """fp32 operations of one module's decomposition, weighted to CPU seconds x flops."""
+    m, n = min(module.shape), max(module.shape)
+    rank = plan.settings.max_rank
+    if uses_randomized((m, n), rank, plan.settings.svd):
+        width = rank + max(rank, OVERSAMPLE_MIN)
+        products = 2 * (throughput.power_iterations + 1) + 2  # + the residual's B @ A
+        return products * 2.0 * m * n * width / throughput.cpu_flops
+    return (4.0 * m * m * n + 8.0 * m**3) / throughput.svd_flops
+
+
+def module_memory(module: ModuleWork, plan: ExtractionPlan) -> int:
+    """Peak bytes for one module: its fp32 ΔW, the read buffers, and the decomposition's
+    work space (the full SVD's U and Vᵀ and LAPACK's copy, or the randomized sketch)."""
+    if module.kind == "full":
+        return sum(plan.base[n].nbytes + plan.tuned[n].nbytes for n in module.tensors)
+    m, n = min(module.shape), max(module.shape)
+    delta = 4 * m * n
+    buffers = min(2 * 64 * 2**20, delta)  # the row blocks ΔW is formed through
+    rank = plan.settings.max_rank
+    if uses_randomized((m, n), rank, plan.settings.svd):
+        width = rank + max(rank, OVERSAMPLE_MIN)
+        work = 4 * (m + n) * width * 4
+    else:
+        work = 4 * (m * m + m * n) + delta  # U, Vᵀ (reduced) and gesdd's copy of ΔW
+    return delta + buffers + work
+
+
+def plan_report_for(
+    plan: ExtractionPlan,
+    *,
+    base: str,
+    finetuned: str,
+    output_dir: str | None,
+    device: str,
+    download_bytes: int = 0,
+    strict: bool = False,
+    throughput: ExtractThroughput = THROUGHPUT,
+) -> ExtractionPlanReport:
+    """The plan report of ``plan`` (its problems and notices included)."""
+    settings_ = plan.settings
+    report = ExtractionPlanReport(
+        base=base,
+        finetuned=finetuned,
+        output_dir=output_dir,
+        device=device,
+        settings=settings_.model_dump(mode="json", exclude={"finetuned"}),
+        tensors_total=len(plan.base),
+        excluded=list(plan.excluded),
+        problems=list(plan.problems),
+        notices=list(plan.notices),
+        download_bytes=download_bytes,
+        strict=strict,
+    )
+    lines: dict[tuple[str, str, tuple[int, ...], str], ModuleLine] = {}
+    seconds = throughput.startup_s
+    for module in plan.modules:
+        method = _method(module, plan)
+        shape = module.shape or plan.tuned[module.tensors[0]].shape
+        key = (_leaf(module.module), module.kind, tuple(shape), method)
+        line = lines.get(key)
+        if line is None:
+            max_rank = None if module.kind == "full" else min(settings_.max_rank, *module.shape)
+            line = ModuleLine(key[0], module.kind, list(shape), 0, max_rank, method)
+            lines[key] = line
+        line.count += 1
+        if module.kind == "full":
+            report.adapter_bytes_max += sum(plan.tuned[n].nbytes for n in module.tensors)
+        else:
+            rank = min(settings_.max_rank, *module.shape)
+            report.adapter_bytes_max += factor_bytes(
+                (module.shape[0], module.shape[1]), rank, settings_.dtype
+            )
+            seconds += _svd_cost(module, plan, throughput) * (
+                throughput.cpu_flops / throughput.gpu_flops
+                if device.startswith(("cuda", "auto"))
+                else 1
+            )
+    report.modules = list(lines.values())
+    report.read_bytes = plan.input_bytes
+    seconds += report.read_bytes / throughput.read_bps
+    report.seconds = seconds
+    report.memory_bytes = max((module_memory(m, plan) for m in plan.modules), default=0)
+    if device.startswith(("cuda", "auto")):
+        report.gpu_bytes = report.memory_bytes
+    # The parts and the assembled adapter are both on disk before the parts go.
+    report.disk_bytes = 2 * report.adapter_bytes_max + download_bytes
+    return report
+
+
+def extraction_plan_report(
+    spec: MergeSpec, *, token: str | None = None, strict: bool = False
+) -> ExtractionPlanReport:
+    """Check the extraction ``spec`` describes and estimate it from headers and configs: a
+    Hub model's headers come over HTTP range requests (kilobytes, whatever its size)."""
+    from mergejob.sources import BASE_SMALL_PATTERNS, resolve_source
+
+    assert spec.extract is not None
+    sources = [
+        resolve_source(spec.base, role="base model", patterns=BASE_SMALL_PATTERNS, token=token),
+        resolve_source(
+            spec.extract.finetuned,
+            role="fine-tuned model",
+            patterns=BASE_SMALL_PATTERNS,
+            token=token,
+        ),
+    ]
+    remote: list[dict[str, dict[str, Any]] | None] = []
+    download = 0
+    for source in sources:
+        if source.repo_id is None:
+            remote.append(None)
+            continue
+        headers = hub_headers(source.repo_id, source.commit or source.spec.revision, token)
+        remote.append(headers)
+        download += sum(file_size(h) for h in headers.values())
+    with (
+        header_view(sources[0].local_dir, remote_headers=remote[0]) as base_view,
+        header_view(sources[1].local_dir, remote_headers=remote[1]) as tuned_view,
+    ):
+        plan = plan_extraction(
+            spec.extract,
+            sources[0].local_dir,
+            sources[1].local_dir,
+            base_view=base_view.folder,
+            tuned_view=tuned_view.folder,
+            trust_remote_code=spec.base.trust_remote_code,
+        )
+        plan.problems[:0] = base_view.problems + tuned_view.problems
+        return plan_report_for(
+            plan,
+            base=spec.base.display(),
+            finetuned=spec.extract.finetuned.display(),
+            output_dir=spec.output.dir,
+            device=spec.engine.device,
+            download_bytes=download,
+            strict=strict,
+        )
