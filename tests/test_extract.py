@@ -338,7 +338,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     base = models.base()
     flags: list[object] = []
     if case == "architecture":
-        tuned, expected = models.base(family="qwen2"), "model_type 'qwen2' differs"
+        tuned, expected = models.base(family="qwen2"), "model_type 'qwen2' (the base's: 'llama')"
     elif case == "shape":
         tuned, expected = models.base(intermediate_size=96), "differ in shape"
     elif case == "missing":
@@ -359,16 +359,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_different_dtypes_are_allowed_the_difference_taken_in_fp32(
-    models: Any, run_cli: CLI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    models: Any, run_cli: CLI, tmp_path: Path
 ) -> None:
     base = models.base(dtype=torch.float32)
     tuned = models.finetune(base, dtype=torch.bfloat16)
     out = tmp_path / "adapter"
-    with caplog.at_level("INFO"):
-        code, _, err = extract(run_cli, base, tuned, out, "--max-rank", 8)
+    code, _, err = extract(run_cli, base, tuned, out, "--max-rank", 8)
     assert code == 0, err
-    assert "the base stores float32 where the fine-tuned model stores bfloat16" in caplog.text
-    assert "the difference is taken in fp32" in caplog.text
+    assert "the base stores float32 where the fine-tuned model stores bfloat16" in err
+    assert "the difference is taken in fp32" in err
     truth = delta_of(base, tuned)
     for module, product in adapter_deltas(out).items():
         delta = truth[f"{module}.weight"]
@@ -389,10 +388,12 @@ def test_an_interrupted_extraction_resumes_from_its_finished_groups(
     assert extract(run_cli, base, tuned, clean)[0] == 0
     real = engine._extract_group
     calls: list[str] = []
+    fail = [True]
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[1][0].module)
-        if len(calls) == 3:
+        if len(calls) == 3 and fail:
+            fail.clear()
             raise OSError(5, "Input/output error", "disk")
         return real(*args, **kwargs)
 
@@ -404,8 +405,7 @@ def test_an_interrupted_extraction_resumes_from_its_finished_groups(
     calls.clear()
     code, _, err = extract(run_cli, base, tuned, out)
     assert code == 0, err
-    groups = len({r["module"].split(".")[2] if ".layers." in r["module"] else r["module"] for r in report(clean)["modules"]})
-    assert 0 < len(calls) <= groups - 2  # the two finished groups were not redone
+    assert len(calls) == 3  # 5 groups (embed, 2 layers, norm, lm_head): 2 were done
     for name in ("adapter_model.safetensors", "adapter_config.json", "extraction.json"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 

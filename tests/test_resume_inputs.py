@@ -171,3 +171,20 @@ def test_a_rerun_keeps_shards_whose_inputs_are_unchanged_and_says_what_it_hashes
     )
     for shard in plan.shards:
         assert (partial / shard.name).read_bytes() == (tmp_path / "clean" / shard.name).read_bytes()
+
+
+def test_records_written_by_worker_processes_carry_their_inputs_sha256(
+    adapters: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Spawned workers write their records without the inputs; the parent adds them."""
+    base, old, _ = adapters
+    plan = build_plan(base, [(old, 1.0)], max_shard_size=20_000)
+    partial = tmp_path / "partial"
+    merge_plan(plan, partial, workers=2, keep_records=True)
+    sha = _sha256(old / ADAPTER_FILE)
+    for i, shard in enumerate(plan.shards):
+        record = read_record(partial, shard.name)
+        assert record is not None
+        assert set(record.inputs) == set(plan.shard_inputs(i))
+        if any(t.changed for t in shard.tensors):
+            assert record.inputs[f"adapter0/{ADAPTER_FILE}"] == sha

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from mergejob import logs
-from mergejob.errors import InputError, listing
-from mergejob.extraction.plan import ExtractionPlan, ModuleWork
+from mergejob.errors import InputError
+from mergejob.extraction.plan import ExtractionPlan, ModuleWork, few
 from mergejob.extraction.svd import RankRule, choose_rank, decompose, factors, residual
 from mergejob.extraction.writer import (
     full_key,
@@ -186,8 +186,8 @@ def _check_undecomposable(plan: ExtractionPlan, reader: FileReader) -> list[str]
     if changed and not plan.settings.skip_undecomposable:
         raise InputError(
             f"{plan.tuned_dir}: {len(changed)} tensor(s) changed that no LoRA carries (the "
-            "bias of a LoRA layer, a weight that is neither a layer nor a norm):"
-            f"{listing(changed)}\npass --skip-undecomposable (extract.skip_undecomposable) to "
+            f"bias of a LoRA layer, a weight that is neither a layer nor a norm: "
+            f"{few(changed)}); pass --skip-undecomposable (extract.skip_undecomposable) to "
             "leave them out, or --exclude their modules"
         )
     for name in changed:

@@ -124,9 +124,9 @@ class ExtractionPlan:
         return sum(self.base[n].nbytes + self.tuned[n].nbytes for n in names if n in self.tuned)
 
     def raise_problems(self) -> None:
-        """Raise :class:`ModelError` (exit 2) with every problem, one line each."""
+        """Raise :class:`ModelError` (exit 2) with every problem, on one line."""
         if self.problems:
-            raise ModelError("\n".join(self.problems))
+            raise ModelError("; ".join(self.problems))
 
 
 def plan_extraction(
@@ -156,7 +156,8 @@ def plan_extraction(
     base_config = _config(base_dir)
     tuned_config = _config(tuned_dir)
     _check_architectures(plan, base_config, tuned_config)
-    _check_tensor_sets(plan)
+    if not plan.problems:  # tensors of another architecture would only repeat it
+        _check_tensor_sets(plan)
     if plan.problems:
         return plan
     types = layer_types(base_config, trust_remote_code=trust_remote_code)
@@ -184,13 +185,16 @@ def _config(folder: Path) -> dict[str, Any]:
 def _check_architectures(
     plan: ExtractionPlan, base: Mapping[str, Any], tuned: Mapping[str, Any]
 ) -> None:
-    for key in ("model_type", "architectures"):
-        if base.get(key) and tuned.get(key) and base.get(key) != tuned.get(key):
-            plan.problems.append(
-                f"{plan.tuned_dir}: {key} {tuned.get(key)!r} differs from the base's "
-                f"{base.get(key)!r}: a fine-tune has its base's architecture; give the base "
-                "it was trained from"
-            )
+    differs = [
+        f"{key} {tuned.get(key)!r} (the base's: {base.get(key)!r})"
+        for key in ("model_type", "architectures")
+        if base.get(key) and tuned.get(key) and base.get(key) != tuned.get(key)
+    ]
+    if differs:
+        plan.problems.append(
+            f"{plan.tuned_dir}: {' and '.join(differs)} differ from the base's: a fine-tune "
+            "has its base's architecture; give the base it was trained from"
+        )
 
 
 def _check_tensor_sets(plan: ExtractionPlan) -> None:
@@ -202,7 +206,7 @@ def _check_tensor_sets(plan: ExtractionPlan) -> None:
     ):
         if names:
             plan.problems.append(
-                f"{other}: lacks {len(names)} tensor(s) that {side} has ({_few(names)}): "
+                f"{other}: lacks {len(names)} tensor(s) that {side} has ({few(names)}): "
                 "not a fine-tune of this base (or a checkpoint saved differently)"
             )
     misfit = []
@@ -221,7 +225,7 @@ def _check_tensor_sets(plan: ExtractionPlan) -> None:
     if misfit:
         plan.problems.append(
             f"{plan.tuned_dir}: {len(misfit)} tensor(s) differ in shape from the base's "
-            f"({_few(misfit)}): not a fine-tune of this base"
+            f"({few(misfit)}): not a fine-tune of this base"
         )
 
 
@@ -233,7 +237,7 @@ def _check_ranks(plan: ExtractionPlan) -> None:
         shown = [f"{m.module} {list(m.shape)}" for m in small]
         plan.problems.append(
             f"extract.max_rank (--max-rank) {max_rank}: larger than the smaller dimension of "
-            f"{len(small)} module(s) ({_few(shown)}); use --max-rank {smallest} or less, or "
+            f"{len(small)} module(s) ({few(shown)}); use --max-rank {smallest} or less, or "
             "leave them out with --exclude"
         )
 
@@ -381,7 +385,7 @@ def _classify(plan: ExtractionPlan, types: Mapping[str, LayerType]) -> None:
         )
     if plan.excluded:
         plan.notices.append(
-            f"{len(plan.excluded)} module(s) left out by include/exclude ({_few(plan.excluded)})"
+            f"{len(plan.excluded)} module(s) left out by include/exclude ({few(plan.excluded)})"
         )
 
 
@@ -415,6 +419,7 @@ def _plan_id(plan: ExtractionPlan) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _few(items: Sequence[str], limit: int = 3) -> str:
+def few(items: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` items and how many more, for a one-line message."""
     shown = ", ".join(items[:limit])
     return f"{shown}, ... {len(items) - limit} more" if len(items) > limit else shown
