@@ -29,16 +29,121 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergejob import logs
-from mergejob.errors import MergeFailedError, MergeJobError
+from mergejob import logs, settings
+from mergejob.errors import MergeFailedError, MergeJobError, ModelError
+from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.io.headers import read_remote_header
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DOWNLOAD_WORKERS = 4
 DEFAULT_AHEAD = 4
+
+
+@dataclass(frozen=True)
+class StreamedFile:
+    """One base shard of a Hub repo, known from its metadata before it is downloaded."""
+
+    name: str
+    size: int
+    sha256: str | None  # the LFS object id (the sha256 of its bytes), where LFS stores it
+    blob_id: str  # the git object id
+
+
+@dataclass(frozen=True)
+class StreamedBase:
+    """A Hub base whose weights are fetched shard by shard during the merge: the small files
+    are in ``folder`` (the HF cache's snapshot of ``commit``), the shards will be there.
+
+    ``index`` is the checkpoint's layout from the shards' headers, read over HTTP;
+    ``identities`` names each shard's future path by its content, as the plan of a fully
+    downloaded base would (``blob:<sha256>``), so that both give the same plan id.
+    """
+
+    repo_id: str
+    commit: str
+    folder: str
+    files: tuple[StreamedFile, ...]
+    index: CheckpointIndex = field(compare=False, hash=False, repr=False)
+
+    def path(self, name: str) -> str:
+        return str(Path(self.folder) / name)
+
+    def identities(self) -> dict[str, str]:
+        return {self.path(f.name): f"blob:{f.sha256 or f.blob_id}" for f in self.files}
+
+    def sha256s(self) -> dict[str, str]:
+        """``{path: sha256}`` of the shards LFS names by their content."""
+        return {self.path(f.name): f.sha256 for f in self.files if f.sha256}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def open_streamed_base(repo_id: str, commit: str, folder: Path, token: str | None) -> StreamedBase:
+    """The base ``repo_id`` at ``commit`` as a :class:`StreamedBase`: its shard list (from
+    the small files already in ``folder``, else the repo's listing), their sizes and content
+    hashes (one paths-info request) and their headers (HTTP range reads)."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    api = HfApi(token=token)
+    names = _shard_names(folder) or sorted(
+        n
+        for n in api.list_repo_files(repo_id, revision=commit)
+        if n.endswith(".safetensors") and "/" not in n
+    )
+    if not names:
+        raise ModelError(
+            f"{repo_id}@{commit[:12]}: no safetensors weights (model.safetensors or an index)"
+        )
+    infos = {info.path: info for info in api.get_paths_info(repo_id, names, revision=commit)}
+    files = []
+    for name in names:
+        info = infos.get(name)
+        if info is None:
+            raise ModelError(f"{repo_id}@{commit[:12]}: {name}, named by the index, is missing")
+        lfs = getattr(info, "lfs", None)
+        files.append(
+            StreamedFile(
+                name=name,
+                size=int(info.size),
+                sha256=getattr(lfs, "sha256", None) if lfs is not None else None,
+                blob_id=str(info.blob_id),
+            )
+        )
+    headers = {
+        f.name: read_remote_header(
+            repo_id,
+            f.name,
+            commit=commit,
+            file_size=f.size,
+            local_path=folder / f.name,
+            token=token,
+        )
+        for f in files
+    }
+    index = CheckpointIndex.from_headers(folder, headers)
+    return StreamedBase(
+        repo_id=repo_id, commit=commit, folder=str(folder), files=tuple(files), index=index
+    )
+
+
+def _shard_names(folder: Path) -> list[str]:
+    import json
+
+    index_file = folder / settings.SAFETENSORS_INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{index_file}: not a valid safetensors index ({exc})") from None
+        return sorted(set(weight_map.values()))
+    return []
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergejob.fetch import StreamedBase
 from mergejob.io.digests import FileDigests
 from mergejob.sources import ResolvedSource
 from mergejob.spec import MergeSpec
@@ -20,6 +21,8 @@ class PreparedJob:
     adapters: list[ResolvedSource]
     output_dtype: str  # torch dtype name: bfloat16, float16 or float32
     config_from: ResolvedSource | None = None
+    # A Hub base the stream engine fetches shard by shard during the merge (None: on disk).
+    streamed: StreamedBase | None = None
     # The sha256 of the input files, each hashed once for the whole job: the recipe records
     # them, the stream engine's shard records carry those their shard read.
     digests: FileDigests = field(default_factory=FileDigests, repr=False, compare=False)

@@ -23,6 +23,7 @@ from mergejob.errors import (
     SpecError,
     listing,
 )
+from mergejob.fetch import StreamedBase, open_streamed_base
 from mergejob.job import EngineReport, PreparedJob
 from mergejob.plan.checks import check_job, check_output_apart
 from mergejob.plan.work import plan_for_job
@@ -30,6 +31,7 @@ from mergejob.recipe import Timings
 from mergejob.sources import (
     ADAPTER_PATTERNS,
     BASE_PATTERNS,
+    BASE_SMALL_PATTERNS,
     CONFIG_PATTERNS,
     resolve_source,
 )
@@ -79,8 +81,19 @@ def prepare(
     """Resolve every source to local files and check the job (:func:`check_job`, then the
     stream engine's plan); no weights are read."""
     timings = timings or Timings()
+    # The stream engine fetches a Hub base's shards during the merge (mergejob.fetch): here
+    # only its small files, the pinned commit and the shards' headers.
+    stream = spec.engine.name == "stream" and not settings.hub_offline()
+    streamed: StreamedBase | None = None
     with timings.phase("resolve"):
-        base = resolve_source(spec.base, role="base model", patterns=BASE_PATTERNS, token=token)
+        base = resolve_source(
+            spec.base,
+            role="base model",
+            patterns=BASE_SMALL_PATTERNS if stream else BASE_PATTERNS,
+            token=token,
+        )
+        if stream and base.repo_id is not None and base.commit is not None:
+            streamed = open_streamed_base(base.repo_id, base.commit, base.local_dir, token)
         adapters = [
             resolve_source(a, role="adapter", patterns=ADAPTER_PATTERNS, token=token)
             for a in spec.adapters
@@ -98,6 +111,7 @@ def prepare(
             [a.local_dir for a in adapters],
             config_from.local_dir if config_from else None,
             config_from_name=config_from.display if config_from else None,
+            index=streamed.index if streamed is not None else None,
         )
         assert checked.output_dtype is not None  # raising mode: a failed check raised
         job = PreparedJob(
@@ -106,7 +120,11 @@ def prepare(
             adapters=adapters,
             output_dtype=checked.output_dtype,
             config_from=config_from,
+            streamed=streamed,
         )
+        if streamed is not None:
+            # Each shard is named by its LFS sha256 before it is downloaded: free digests.
+            job.digests.add_known(streamed.sha256s())
         if spec.engine.name == "stream":
             # Every check of the stream engine (each adapter tensor lands on one base
             # tensor and fits it; the configs are expressible); cached for the engine.

@@ -122,6 +122,8 @@ SPEC_VARIABLES: dict[str, str] = {
     "MERGEJOB_WORKERS": "engine.workers",
     "MERGEJOB_MAX_MEMORY": "engine.max_memory",
     "MERGEJOB_OFFLOAD_FOLDER": "engine.offload_folder",
+    "MERGEJOB_DOWNLOAD_WORKERS": "engine.download_workers",
+    "MERGEJOB_DELETE_DOWNLOADED": "engine.delete_downloaded",
     "MERGEJOB_CONFIG_FROM": "config.config_from",
     "MERGEJOB_CONFIG_OVERRIDES": "config.overrides",
     "MERGEJOB_PUBLISH_REPO_ID": "publish.repo_id",

@@ -198,6 +198,21 @@ class EngineSpec(_Strict):
     offload_folder: str | None = Field(
         default=None, description="accelerate disk-offload folder (peft engine)."
     )
+    # None: the default (left out of a spec's dump, so that its hash and recipe stay those
+    # of a spec written before these fields existed).
+    download_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Stream engine with a Hub base: base shards downloaded at once, in the "
+        "order the output shards need them (default 4).",
+    )
+    delete_downloaded: bool | None = Field(
+        default=None,
+        description="Stream engine with a Hub base: remove each base shard this job "
+        "downloaded from the HF cache once every output shard that reads it is finished "
+        "(entries cached before the job are kept); with publish.delete_uploaded the disk "
+        "holds a few shards, not the model twice.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -121,6 +121,16 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
     job.add_argument("--overwrite", action="store_true", default=None,
                      help="replace a non-empty output folder")  # fmt: skip
     job.add_argument(
+        "--download-workers", "--download_workers", dest="download_workers", type=int,
+        metavar="N", help="stream engine, Hub base: base shards downloaded at once (default 4)",
+    )  # fmt: skip
+    job.add_argument(
+        "--delete-downloaded", "--delete_downloaded", dest="delete_downloaded",
+        action="store_true", default=None,
+        help="stream engine, Hub base: remove each base shard this job downloaded from the HF "
+        "cache once every output shard that reads it is done (bounded disk use)",
+    )  # fmt: skip
+    job.add_argument(
         "--set-config", "--set_config", dest="set_config", action="append", metavar="KEY=VALUE",
         help="set a config.json key of the output (repeatable; the value is JSON: "
         "rope_theta=3580165449.0, max_position_embeddings=1048576)",
@@ -186,6 +196,8 @@ _FLAG_FIELDS = {
     "workers": ("engine.workers", "--workers"),
     "max_memory": ("engine.max_memory", "--max-memory"),
     "offload_folder": ("engine.offload_folder", "--offload-folder"),
+    "download_workers": ("engine.download_workers", "--download-workers"),
+    "delete_downloaded": ("engine.delete_downloaded", "--delete-downloaded"),
     "config_from": ("config.config_from", "--config-from"),
     "private": ("publish.private", "--private"),
     "hub_revision": ("publish.revision", "--branch"),

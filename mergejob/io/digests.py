@@ -26,7 +26,7 @@ import hashlib
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 _CHUNK = 8 * 1024 * 1024
@@ -70,6 +70,13 @@ class FileDigests:
     @staticmethod
     def _key(path: str | os.PathLike[str]) -> str:
         return os.path.realpath(path)
+
+    def add_known(self, digests: Mapping[str, str]) -> None:
+        """Digests known without reading the files (``{path: sha256}``: a Hub shard's LFS
+        object id, before it is downloaded)."""
+        with self._lock:
+            for path, digest in digests.items():
+                self._done[self._key(path)] = digest
 
     def known(self, path: str | os.PathLike[str]) -> str | None:
         """The digest if it costs nothing now (computed already, or a Hub cache file)."""

@@ -68,6 +68,7 @@ def check_job(
     *,
     config_from_name: str | None = None,
     problems: Problems | None = None,
+    index: CheckpointIndex | None = None,
 ) -> CheckedJob:
     """Every check of the job's inputs that reads headers and configs only: the base is a
     model folder with readable safetensors headers, the output dtype is a float type, the
@@ -79,7 +80,8 @@ def check_job(
     with problems.check():
         if not (Path(base_dir) / settings.CONFIG_FILE).is_file():
             raise ModelError(f"{base_dir}/{settings.CONFIG_FILE}: missing; is this a model folder?")
-        checked.index = CheckpointIndex.from_folder(base_dir)
+        # A Hub base streamed by the stream engine: its layout from the shards' headers.
+        checked.index = index if index is not None else CheckpointIndex.from_folder(base_dir)
     if checked.index is None:
         return checked
     with problems.check():

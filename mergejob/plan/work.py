@@ -264,8 +264,14 @@ def build_plan(
     output_dtype: str | None = None,
     max_shard_size: int = 5 * 10**9,
     trust_remote_code: bool = False,
+    index: CheckpointIndex | None = None,
+    identities: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan the merge of ``adapters`` (folder, weight), in order, into the base at ``base_dir``.
+
+    ``index``: the base's layout when its shards are not on disk yet (a Hub base the stream
+    engine fetches during the merge: :mod:`mergejob.fetch`), with ``identities`` naming
+    those files by their content for the plan id.
 
     ``output_dtype`` None keeps every tensor's stored dtype; a dtype name converts every
     floating-point tensor to it. Raises :class:`IncompatibleAdapterError` listing every
@@ -280,7 +286,9 @@ def build_plan(
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{config_path}: not valid JSON ({exc})") from None
-    base: dict[str, TensorRef] = dict(CheckpointIndex.from_folder(base_dir).tensors)
+    if index is None:
+        index = CheckpointIndex.from_folder(base_dir)
+    base: dict[str, TensorRef] = dict(index.tensors)
     if output_dtype is not None and output_dtype not in FLOAT_DTYPES:
         raise ModelError(f"output dtype {output_dtype}: not a floating-point dtype")
     model_type = config.get("model_type") if isinstance(config, dict) else None
@@ -305,6 +313,7 @@ def build_plan(
         adapters=tuple(factors),
         output_dtype=output_dtype,
         max_shard_size=max_shard_size,
+        identities=identities,
     )
 
 
@@ -460,6 +469,7 @@ class _PlanBuilder:
         adapters: tuple[AdapterFactors, ...],
         output_dtype: str | None,
         max_shard_size: int,
+        identities: Mapping[str, str] | None = None,
     ) -> Plan:
         layout = self.layout
         updates: dict[str, Any] = {}
@@ -514,7 +524,7 @@ class _PlanBuilder:
                 f"the vocabulary grows to {updates['vocab_size']} but no adapter ships a "
                 "tokenizer; the output takes the base's, which lacks the new tokens"
             )
-        identities = _input_identities(tensors)
+        identities = _input_identities(tensors, identities)
         plan = Plan(
             base_dir=str(base_dir),
             adapters=adapters,
@@ -648,8 +658,14 @@ def _tensor_inputs(tensors: Sequence[OutputTensor]) -> list[str]:
     return list(paths)
 
 
-def _input_identities(tensors: Sequence[OutputTensor]) -> dict[str, str]:
-    return {path: file_identity(path) for path in sorted(_tensor_inputs(tensors))}
+def _input_identities(
+    tensors: Sequence[OutputTensor], known: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    known = known or {}
+    return {
+        path: known[path] if path in known else file_identity(path)
+        for path in sorted(_tensor_inputs(tensors))
+    }
 
 
 def _ref_id(ref: TensorRef | None, identities: Mapping[str, str]) -> Any:
@@ -715,7 +731,14 @@ def plan_for_job(job: Any) -> Plan:
         for resolved, a in zip(job.adapters, spec.adapters, strict=True)
     )
     output_dtype = None if spec.output.dtype == "auto" else spec.output.dtype
-    stamp = tuple(_folder_stamp(Path(p)) for p in (job.base.local_dir, *[a for a, _ in adapters]))
+    streamed = getattr(job, "streamed", None)
+    # A streamed Hub base is named by its commit: its folder fills up during the merge.
+    base_stamp: Any = (
+        ("hub", streamed.repo_id, streamed.commit)
+        if streamed is not None
+        else _folder_stamp(Path(job.base.local_dir))
+    )
+    stamp = (base_stamp, *(_folder_stamp(Path(a)) for a, _ in adapters))
     return _cached_plan(
         str(job.base.local_dir),
         adapters,
@@ -723,6 +746,7 @@ def plan_for_job(job: Any) -> Plan:
         spec.output.max_shard_bytes,
         bool(spec.base.trust_remote_code),
         stamp,
+        streamed,
     )
 
 
@@ -747,6 +771,7 @@ def _cached_plan(
     max_shard_size: int,
     trust_remote_code: bool,
     stamp: tuple[Any, ...],
+    streamed: Any = None,
 ) -> Plan:
     del stamp  # part of the cache key only: a changed input file makes a new plan
     return build_plan(
@@ -755,4 +780,6 @@ def _cached_plan(
         output_dtype=output_dtype,
         max_shard_size=max_shard_size,
         trust_remote_code=trust_remote_code,
+        index=streamed.index if streamed is not None else None,
+        identities=streamed.identities() if streamed is not None else None,
     )
