@@ -29,13 +29,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergejob import logs, settings
 from mergejob.errors import MergeFailedError, MergeJobError, ModelError
 from mergejob.io.checkpoint import CheckpointIndex
-from mergejob.io.headers import read_remote_header
+from mergejob.io.headers import SafetensorsHeader, read_remote_header
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,22 @@ class StreamedBase:
         return sum(f.size for f in self.files)
 
 
+@dataclass(frozen=True)
+class FetchOptions:
+    """How the stream engine fetches a :class:`StreamedBase` during the merge."""
+
+    base: StreamedBase
+    token: str | None = None
+    workers: int = DEFAULT_DOWNLOAD_WORKERS
+    delete_after_use: bool = False
+
+
 def open_streamed_base(repo_id: str, commit: str, folder: Path, token: str | None) -> StreamedBase:
     """The base ``repo_id`` at ``commit`` as a :class:`StreamedBase`: its shard list (from
     the small files already in ``folder``, else the repo's listing), their sizes and content
     hashes (one paths-info request) and their headers (HTTP range reads)."""
     from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
 
     folder = Path(folder)
     api = HfApi(token=token)
@@ -105,7 +117,7 @@ def open_streamed_base(repo_id: str, commit: str, folder: Path, token: str | Non
     files = []
     for name in names:
         info = infos.get(name)
-        if info is None:
+        if not isinstance(info, RepoFile):
             raise ModelError(f"{repo_id}@{commit[:12]}: {name}, named by the index, is missing")
         lfs = getattr(info, "lfs", None)
         files.append(
@@ -116,17 +128,15 @@ def open_streamed_base(repo_id: str, commit: str, folder: Path, token: str | Non
                 blob_id=str(info.blob_id),
             )
         )
-    headers = {
-        f.name: read_remote_header(
-            repo_id,
-            f.name,
-            commit=commit,
-            file_size=f.size,
-            local_path=folder / f.name,
+
+    def header(f: StreamedFile) -> SafetensorsHeader:
+        return read_remote_header(
+            repo_id, f.name, commit=commit, file_size=f.size, local_path=folder / f.name,
             token=token,
-        )
-        for f in files
-    }
+        )  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # ~30 shards: round trips in parallel
+        headers = dict(zip([f.name for f in files], pool.map(header, files), strict=True))
     index = CheckpointIndex.from_headers(folder, headers)
     return StreamedBase(
         repo_id=repo_id, commit=commit, folder=str(folder), files=tuple(files), index=index

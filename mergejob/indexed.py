@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergejob import logs, output, settings
 from mergejob.engines.shard_inputs import drop_stale_records
-from mergejob.engines.stream import finalize, stream_report, write_shards
+from mergejob.engines.stream import fetch_options, finalize, stream_report, write_shards
 from mergejob.engines.worker import worker_devices
 from mergejob.errors import MergeFailedError, SpecError
 from mergejob.io.shards import RECORDS_DIR, assign_shards, read_record, record_holds
@@ -329,6 +329,7 @@ def merge_share(
         on_shard_done=on_shard_done,
         log_shards=False,
         digests=job.job.digests,
+        fetch=fetch_options(job.job),  # a Hub base: only the input shards of this share
     )
     merged = [name for r in reports for name in r.merged]
     resumed = [name for r in reports for name in r.resumed]
@@ -409,7 +410,13 @@ def finalize_output(job: StartedJob, plan: Plan, *, count: int | None) -> MergeR
             names = set(_unfinished(plan, partial))
             redo = [i for i, s in enumerate(plan.shards) if s.name in names]
             write_shards(
-                plan, partial, redo, devices=["cpu"], log_shards=False, digests=job.job.digests
+                plan,
+                partial,
+                redo,
+                devices=["cpu"],
+                log_shards=False,
+                digests=job.job.digests,
+                fetch=fetch_options(job.job),
             )
             records = finalize(plan, partial, verify_checksums=True, keep_records=True)
     report = stream_report(plan, records, workers=count or 1, device=job.spec.engine.device)

@@ -23,6 +23,8 @@ class PreparedJob:
     config_from: ResolvedSource | None = None
     # A Hub base the stream engine fetches shard by shard during the merge (None: on disk).
     streamed: StreamedBase | None = None
+    # The Hub token the sources were fetched with (the streamed base's shards still are).
+    token: str | None = field(default=None, repr=False, compare=False)
     # The sha256 of the input files, each hashed once for the whole job: the recipe records
     # them, the stream engine's shard records carry those their shard read.
     digests: FileDigests = field(default_factory=FileDigests, repr=False, compare=False)

@@ -121,6 +121,7 @@ def prepare(
             output_dtype=checked.output_dtype,
             config_from=config_from,
             streamed=streamed,
+            token=token,
         )
         if streamed is not None:
             # Each shard is named by its LFS sha256 before it is downloaded: free digests.
@@ -547,7 +548,12 @@ def input_records(job: PreparedJob, *, workers: int = 4) -> list[dict[str, Any]]
     """The recipe's ``inputs``: each source with the sha256 of the files the merge reads
     (free for Hub inputs, whose cache names them by it; read for local ones)."""
     digest = job.digests.get  # shared with the stream engine's shard records: read once
-    inputs = [recipe.source_record("base", job.base, BASE_PATTERNS, workers=workers, digest=digest)]
+    streamed = [f.name for f in job.streamed.files] if job.streamed is not None else []
+    inputs = [
+        recipe.source_record(
+            "base", job.base, BASE_PATTERNS, workers=workers, digest=digest, also=streamed
+        )
+    ]
     inputs += [
         recipe.source_record("adapter", a, ADAPTER_PATTERNS, workers=workers, digest=digest)
         for a in job.adapters

@@ -169,8 +169,11 @@ def source_record(
     *,
     workers: int = 4,
     digest: Callable[[Path], str] | None = None,
+    also: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """What one input was: where it came from, at which commit, with its files' sha256."""
+    """What one input was: where it came from, at which commit, with its files' sha256.
+    ``also``: files of the source not (or no longer) on disk whose sha256 ``digest`` knows
+    (the shards of a Hub base streamed during the merge)."""
     record: dict[str, Any] = {"role": role, "source": source.spec.path}
     if source.spec.revision:
         record["revision"] = source.spec.revision
@@ -178,7 +181,7 @@ def source_record(
         record["commit"] = source.commit
     else:
         record["local_dir"] = str(Path(source.local_dir).absolute())
-    names = input_files(source.local_dir, patterns)
+    names = sorted(set(input_files(source.local_dir, patterns)) | set(also))
     record["files"] = file_digests(source.local_dir, names, workers=workers, digest=digest)
     return record
 

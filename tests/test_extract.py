@@ -311,6 +311,36 @@ def test_a_resized_vocabulary_is_saved_whole_with_the_finetunes_tokenizer(
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == 112
 
 
+def test_tied_embeddings_are_saved_whole_under_both_names_so_a_merge_keeps_the_head(
+    models: Any, run_cli: CLI, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = models.base(dtype=torch.float32, tie_word_embeddings=True)
+    tuned = models.finetune(base, modules=("q_proj", "embed_tokens"), rows_only=True)
+    adapter = tmp_path / "adapter"
+    code, _, err = extract(run_cli, base, tuned, adapter, "--embed-lora")
+    assert code == 0, err
+    assert "tied embeddings: model.embed_tokens is saved whole, and as lm_head too" in err
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
+    merged = tmp_path / "merged"
+    code, _, err = run_cli(
+        "merge", "--base_model_name_or_path", base, "--peft_model_paths", adapter,
+        "--output_dir", merged,
+    )  # fmt: skip
+    assert code == 0, err
+    want, got = tensors(tuned), tensors(merged)
+    assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)
+    ).merge_and_unload()
+    reference = AutoModelForCausalLM.from_pretrained(str(tuned), dtype=torch.float32)
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(peft(tokens).logits, reference(tokens).logits)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 
@@ -330,7 +360,7 @@ def _without_tensor(folder: Path, dest: Path, name: str) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["architecture", "shape", "missing", "identical", "max_rank"],
+    ["architecture", "shape", "missing", "identical", "max_rank", "no_gpu"],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     models: Any, run_cli: CLI, tmp_path: Path, case: str
@@ -347,6 +377,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         expected = "lacks 1 tensor(s) that the base has (model.layers.1.mlp.up_proj.weight)"
     elif case == "identical":
         tuned, expected = base, "nothing to extract"
+    elif case == "no_gpu":
+        tuned, expected = models.finetune(base), "--device) cuda: no CUDA GPU is visible here"
+        flags = ["--device", "cuda"]
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible here")
     else:
         tuned, expected = models.finetune(base), "larger than the smaller dimension"
         flags = ["--max-rank", 48]  # k_proj is 32 x 64

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergejob.engines.worker import InputsCallback, WorkerReport, cpu_threads, run_worker
+from mergejob.engines.worker import InputGate, InputsCallback, WorkerReport, cpu_threads, run_worker
 from mergejob.errors import MergeFailedError, MergeJobError
 from mergejob.io.shards import assign_shards
 from mergejob.plan.work import Plan
@@ -65,6 +65,8 @@ def run_shares(
     on_shard_done: ShardCallback | None = None,
     progress: ProgressCallback | None = None,
     inputs_of: InputsCallback | None = None,
+    gate: InputGate | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> list[WorkerReport]:
     """Write every share's shards into ``partial_dir``: in this process for one share, in
     one spawned process per share otherwise. ``on_shard_done`` gets each finished shard as
@@ -82,9 +84,18 @@ def run_shares(
                 on_shard_done=on_shard_done,
                 progress=progress,
                 inputs_of=inputs_of,
+                gate=gate,
             )
         ]
-    return _run_processes(plan, Path(partial_dir), list(shares), on_shard_done, progress)
+    return _run_processes(
+        plan,
+        Path(partial_dir),
+        list(shares),
+        on_shard_done,
+        progress,
+        gate.portable() if gate is not None else None,
+        watch,
+    )
 
 
 def _run_processes(
@@ -93,13 +104,15 @@ def _run_processes(
     shares: list[Share],
     on_shard_done: ShardCallback | None,
     progress: ProgressCallback | None,
+    gate: InputGate | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> list[WorkerReport]:
     context = multiprocessing.get_context("spawn")
     messages: Any = context.Queue()
     processes = [
         context.Process(
             target=_worker_main,
-            args=(plan, str(partial_dir), i, len(shares), share, messages, os.getpid()),
+            args=(plan, str(partial_dir), i, len(shares), share, messages, os.getpid(), gate),
             name=f"mergejob-worker-{i}",
             daemon=True,
         )
@@ -113,6 +126,8 @@ def _run_processes(
             try:
                 message = messages.get(timeout=POLL_SECONDS)
             except queue.Empty:
+                if watch is not None:
+                    watch()  # a failed download stops the job (its workers wait for it)
                 for i, process in enumerate(processes):
                     if i not in reports and not process.is_alive() and messages.empty():
                         raise MergeFailedError(
@@ -149,6 +164,7 @@ def _worker_main(
     share: Share,
     messages: Any,
     parent: int,
+    gate: InputGate | None = None,
 ) -> None:
     """A worker process: dies with its parent, reports progress and results on ``messages``."""
     _die_with_parent(parent)
@@ -168,6 +184,7 @@ def _worker_main(
             on_shard_done=shard_done,
             progress=progress,
             threads=cpu_threads(count) if share.device == "cpu" else None,
+            gate=gate,
         )
         messages.put(("done", report))
     except BaseException as exc:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from typing import Any
 from mergejob import logs, output, settings
 from mergejob.engines.pool import run_shares, split_shares
 from mergejob.engines.shard_inputs import ShardInputs, drop_stale_records
-from mergejob.engines.worker import WorkerReport, worker_devices
+from mergejob.engines.worker import InputGate, WorkerReport, worker_devices
 from mergejob.errors import MergeFailedError
+from mergejob.fetch import DEFAULT_DOWNLOAD_WORKERS, FetchOptions, ShardFetcher
 from mergejob.io.digests import FileDigests
 from mergejob.io.shards import RECORDS_DIR, ShardRecord, read_record, record_holds
 from mergejob.io.writer import write_index
@@ -124,6 +126,7 @@ def merge_plan(
     on_shard_done: ShardCallback | None = None,
     keep_records: bool = False,
     digests: FileDigests | None = None,
+    fetch: FetchOptions | None = None,
 ) -> EngineReport:
     """Run every worker of ``plan`` here (processes over shards, or one per GPU), then
     :func:`finalize`. Finished shards of an earlier, interrupted run of the same plan are kept
@@ -155,6 +158,7 @@ def merge_plan(
         devices=devices,
         on_shard_done=on_shard_done,
         digests=digests,
+        fetch=fetch,
     )
     settings.kill_point("shards-written")
     records = finalize(plan, partial_dir, verify_checksums=False, keep_records=keep_records)
@@ -182,6 +186,7 @@ def write_shards(
     on_shard_done: ShardCallback | None = None,
     log_shards: bool = True,
     digests: FileDigests | None = None,
+    fetch: FetchOptions | None = None,
 ) -> list[WorkerReport]:
     """Write ``shards`` (positions in the plan) into ``partial_dir`` with one worker per
     entry of ``devices`` (:mod:`mergejob.engines.pool`), shards split between them by bytes;
@@ -189,29 +194,83 @@ def write_shards(
 
     A shard an earlier run finished is kept only if its record's inputs are these bytes
     (:mod:`mergejob.engines.shard_inputs`); every record written carries them. ``digests``:
-    the job's sha256 of its input files (one is made if not given)."""
+    the job's sha256 of its input files (one is made if not given). ``fetch``: the base is a
+    Hub repo fetched now, shard by shard, as the output shards need it
+    (:class:`BaseDownloads`)."""
     shards = list(shards)
     partial_dir = Path(partial_dir)
     inputs = ShardInputs(plan, partial_dir, digests if digests is not None else FileDigests())
     drop_stale_records(plan, partial_dir, shards, inputs.digests)
     inputs.start(shards)
+    downloads = BaseDownloads(plan, partial_dir, shards, fetch) if fetch is not None else None
     with _Progress(plan, shards, log_shards=log_shards) as progress:
 
         def done(path: Path) -> None:
             inputs.seal(path.name)  # a spawned worker's record: its inputs' sha256 now
+            if downloads is not None:
+                downloads.shard_done(path.name)
             progress.shard_done(path)
             if on_shard_done:
                 on_shard_done(path)
             settings.kill_point("shard-done")
 
-        return run_shares(
-            plan,
-            partial_dir,
-            split_shares(shards, plan.shard_sizes(), list(devices)),
-            on_shard_done=done,
-            progress=progress.update,
-            inputs_of=inputs.of,
+        try:
+            return run_shares(
+                plan,
+                partial_dir,
+                split_shares(shards, plan.shard_sizes(), list(devices)),
+                on_shard_done=done,
+                progress=progress.update,
+                inputs_of=inputs.of,
+                gate=downloads.gate if downloads is not None else None,
+                watch=downloads.fetcher.raise_if_failed if downloads is not None else None,
+            )
+        finally:
+            if downloads is not None:
+                downloads.close()
+
+
+class BaseDownloads:
+    """The base shards a :func:`write_shards` call fetches (a Hub base streamed during the
+    merge): only those its unfinished output shards read, in the order they read them, each
+    freed (with ``delete_after_use``) once every output shard that reads it is written."""
+
+    def __init__(
+        self, plan: Plan, partial_dir: Path, shards: Sequence[int], fetch: FetchOptions
+    ) -> None:
+        names = {fetch.base.path(f.name): f.name for f in fetch.base.files}
+        # Finished shards (kept by the workers) need nothing downloaded.
+        pending = [
+            i
+            for i in shards
+            if not record_holds(
+                partial_dir, read_record(partial_dir, plan.shards[i].name), plan.plan_id
+            )
+        ]
+        reads = {i: tuple(p for p in plan.shard_inputs(i).values() if p in names) for i in pending}
+        users = Counter(names[p] for paths in reads.values() for p in paths)
+        order = [names[p] for p in plan.input_order(pending) if p in names]
+        self._reads = {plan.shards[i].name: [names[p] for p in reads[i]] for i in pending}
+        self.bytes = sum(f.size for f in fetch.base.files if f.name in users)
+        self.fetcher = ShardFetcher(
+            fetch.base.repo_id,
+            fetch.base.commit,
+            order,
+            token=fetch.token,
+            workers=fetch.workers,
+            delete_after_use=fetch.delete_after_use,
+            users=dict(users),
+        ).start()
+        self.gate = InputGate(
+            {i: paths for i, paths in reads.items() if paths}, check=self.fetcher.raise_if_failed
         )
+
+    def shard_done(self, name: str) -> None:
+        for file in self._reads.pop(name, ()):
+            self.fetcher.done_with(file)
+
+    def close(self) -> None:
+        self.fetcher.close()
 
 
 def stream_report(
@@ -254,6 +313,20 @@ def merge_with_stream(
         on_shard_done=on_shard_done,
         keep_records=True,
         digests=job.digests,
+        fetch=fetch_options(job),
+    )
+
+
+def fetch_options(job: PreparedJob) -> FetchOptions | None:
+    """How a streamed Hub base is fetched during the merge (None: the base is on disk)."""
+    if job.streamed is None:
+        return None
+    engine = job.spec.engine
+    return FetchOptions(
+        base=job.streamed,
+        token=job.token,
+        workers=engine.download_workers or DEFAULT_DOWNLOAD_WORKERS,
+        delete_after_use=bool(engine.delete_downloaded),
     )
 
 

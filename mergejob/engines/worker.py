@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,32 @@ class WorkerReport:
     records: list[ShardRecord] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class InputGate:
+    """The input files each shard reads that may not be on disk yet (a Hub base fetched
+    during the merge: :mod:`mergejob.fetch`): a worker waits for them before it writes the
+    shard. The files appear whole (the HF cache links a snapshot entry only to a finished
+    download), so their existence is the signal, in this process and in a spawned worker.
+
+    ``check`` (this process only; dropped when the gate goes to a spawned worker, whose
+    parent watches the downloads instead) raises a failed download's error while waiting.
+    """
+
+    paths: dict[int, tuple[str, ...]]
+    check: Callable[[], None] | None = field(default=None, compare=False)
+
+    def wait(self, shard: int) -> None:
+        for path in self.paths.get(shard, ()):
+            while not os.path.exists(path):
+                if self.check is not None:
+                    self.check()
+                time.sleep(0.05)
+
+    def portable(self) -> InputGate:
+        """The gate for a spawned worker (no callback crosses a process boundary)."""
+        return InputGate(self.paths)
+
+
 def run_worker(
     plan: Plan,
     partial_dir: Path,
@@ -57,6 +84,7 @@ def run_worker(
     threads: int | None = None,
     shards: Sequence[int] | None = None,
     inputs_of: InputsCallback | None = None,
+    gate: InputGate | None = None,
 ) -> WorkerReport:
     """Write the output shards of worker ``index`` of ``count`` into ``partial_dir``.
 
@@ -70,6 +98,7 @@ def run_worker(
     GPUs: see :mod:`mergejob.indexed`). ``inputs_of(shard)`` gives the sha256 of the input
     files a shard read, written into its record with it (without it, records carry none:
     :func:`mergejob.engines.stream.write_shards`, which checks them on a rerun, adds them).
+    ``gate`` holds a shard until its input files are on disk (a streamed Hub base).
 
     Example (pod ``i`` of an Indexed Job of ``n`` pods, on shared storage)::
 
@@ -83,7 +112,9 @@ def run_worker(
     lanes = threads if threads is not None else cpu_threads(1)
     computer = TensorComputer(device, lanes=lanes)
     with torch_threads(1 if device == "cpu" else torch.get_num_threads()):
-        _run_shards(plan, partial_dir, mine, computer, report, on_shard_done, progress, inputs_of)
+        _run_shards(
+            plan, partial_dir, mine, computer, report, on_shard_done, progress, inputs_of, gate
+        )
     return report
 
 
@@ -96,6 +127,7 @@ def _run_shards(
     on_shard_done: ShardCallback | None,
     progress: ProgressCallback | None,
     inputs_of: InputsCallback | None = None,
+    gate: InputGate | None = None,
 ) -> None:
     try:
         for i in mine:
@@ -107,6 +139,8 @@ def _run_shards(
                 if progress:
                     progress(shard.nbytes)
             else:
+                if gate is not None:
+                    gate.wait(i)
                 record = write_shard(plan, i, partial_dir, computer, progress=progress)
                 if inputs_of is not None:  # with the record, at once: no window without them
                     record = record.with_inputs(inputs_of(i))

@@ -241,7 +241,14 @@ def _full_module(
     if same:
         return row, []
     row.update({"kept": 1.0, "error": 0.0})
-    return row, [(full_key(n), reader.tensor(plan.tuned[n])) for n in module.tensors]
+    saved = [(full_key(n), reader.tensor(plan.tuned[n])) for n in module.tensors]
+    if module.mirror is not None:
+        row["mirror"] = module.mirror
+        weight = f"{module.module}.weight"
+        saved += [
+            (full_key(f"{module.mirror}.weight"), t) for k, t in saved if k == full_key(weight)
+        ]
+    return row, saved
 
 
 def read_delta(reader: FileReader, base: TensorRef, tuned: TensorRef) -> torch.Tensor:

@@ -290,6 +290,7 @@ def write_adapter(
         rows = outcome.rows
         ranks = {r["module"]: int(r["rank"]) for r in rows if r["status"] == "extracted"}
         saved = [r["module"] for r in rows if r["status"] == "full"]
+        saved += [r["mirror"] for r in rows if r["status"] == "full" and r.get("mirror")]
         modules = sorted({name.rpartition(".")[0] for name in plan.base})
         base_id = base.repo_id or str(Path(base.local_dir).absolute())
         write_adapter_config(

@@ -45,7 +45,7 @@ from mergejob import model_config
 from mergejob.errors import ModelError
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import FLOAT_DTYPES, TensorRef
-from mergejob.plan.work import file_identity
+from mergejob.plan.work import EmbeddingLayout, embedding_layout, file_identity
 from mergejob.spec import ExtractSpec
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ log = logging.getLogger(__name__)
 ModuleKind = Literal["lora", "embedding", "full"]
 LayerType = Literal["linear", "conv1d", "embedding", "other"]
 
-PLAN_FORMAT = 1
+# Part of every plan id: bumped when what a plan makes changes, so no part file of an
+# older layout is ever resumed.
+PLAN_FORMAT = 2
 _INPUT_EMBEDDING_RE = re.compile(
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)$"
 )
@@ -80,6 +82,9 @@ class ModuleWork:
     transposed: bool
     group: int
     resized: bool = False
+    # Tied embeddings: the output embedding (lm_head) this module's weight also is; shipped
+    # whole under that name too, so a merge (which unties) keeps the fine-tune's head.
+    mirror: str | None = None
 
     @property
     def lora_shape(self) -> tuple[int, int]:
@@ -164,7 +169,8 @@ def plan_extraction(
     architectures = base_config.get("architectures") or []
     if any(str(a).endswith("ForCausalLM") for a in architectures):
         plan.task_type = "CAUSAL_LM"
-    _classify(plan, types)
+    layout = embedding_layout(base_dir, base_config, plan.base, trust_remote_code=trust_remote_code)
+    _classify(plan, types, layout)
     _check_ranks(plan)
     _note_dtypes(plan)
     plan.plan_id = _plan_id(plan)
@@ -327,8 +333,13 @@ def _group_key(module: str) -> tuple[str, int]:
     return (module[: match.end(1)], int(match.group(1)))
 
 
-def _classify(plan: ExtractionPlan, types: Mapping[str, LayerType]) -> None:
+def _classify(
+    plan: ExtractionPlan, types: Mapping[str, LayerType], layout: EmbeddingLayout
+) -> None:
     settings = plan.settings
+    tied_input: str | None = None
+    if layout.tied and layout.input and layout.output and layout.output not in plan.base:
+        tied_input = layout.input.removesuffix(".weight")
     by_module: dict[str, list[str]] = {}
     for name in plan.base:  # data order of the base's shards
         by_module.setdefault(name.rpartition(".")[0], []).append(name)
@@ -363,6 +374,15 @@ def _classify(plan: ExtractionPlan, types: Mapping[str, LayerType]) -> None:
         if kind is None:
             plan.checks.extend(names)
             continue
+        mirror = None
+        if module == tied_input and layout.output is not None:
+            kind, checks = "full", ()
+            mirror = layout.output.removesuffix(".weight")
+            plan.notices.append(
+                f"tied embeddings: {module} is saved whole, and as {mirror} too "
+                "(modules_to_save both), so a merge, which unties them, keeps the fine-tune's "
+                "head"
+            )
         key, _ = _group_key(module)
         group = group_ids.setdefault(key, len(group_ids))
         plan.modules.append(
@@ -376,6 +396,7 @@ def _classify(plan: ExtractionPlan, types: Mapping[str, LayerType]) -> None:
                 transposed=kind == "embedding" or kind_of_layer == "conv1d",
                 group=group,
                 resized=resized,
+                mirror=mirror,
             )
         )
     if resized_modules := [m.module for m in plan.modules if m.resized]:
@@ -406,6 +427,7 @@ def _plan_id(plan: ExtractionPlan) -> str:
                 m.module,
                 m.kind,
                 m.weight,
+                m.mirror,
                 m.transposed,
                 m.group,
                 [ref_id(plan.base[n]) for n in m.tensors],

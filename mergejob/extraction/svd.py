@@ -111,12 +111,21 @@ def decompose(
     if delta.dim() != 2:
         raise ValueError(f"decompose needs a matrix, got shape {list(delta.shape)}")
     delta = delta.float()
-    total = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    total = squared_norm(delta)
     shape = (int(delta.shape[0]), int(delta.shape[1]))
     if uses_randomized(shape, rank, method):
         return _randomized(delta, rank, total, seed)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     return Decomposition(u=u, s=s, vh=vh, total=total, method="exact", complete=True)
+
+
+def squared_norm(matrix: torch.Tensor, *, block_rows: int = 4096) -> float:
+    """‖matrix‖_F² summed in fp64 a block of rows at a time (no fp64 copy of a module)."""
+    total = 0.0
+    for start in range(0, matrix.shape[0], block_rows):
+        block = matrix[start : start + block_rows]
+        total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+    return total
 
 
 def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
@@ -208,7 +217,6 @@ def residual(
     norm = 0.0
     for start in range(0, delta.shape[0], block_rows):
         rows = delta[start : start + block_rows]
-        diff = rows - bf[start : start + block_rows] @ af
-        err += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-        norm += float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
+        err += squared_norm(rows - bf[start : start + block_rows] @ af, block_rows=block_rows)
+        norm += squared_norm(rows, block_rows=block_rows)
     return err, norm

@@ -197,30 +197,29 @@ def read_remote_header(
     local_path: Path,
     token: str | None = None,
 ) -> SafetensorsHeader:
-    """The exact header of a Hub repo's safetensors file at ``commit``, read with HTTP range
-    requests (kilobytes), as it will be read from ``local_path`` once downloaded: the byte
-    offsets are those of the real file (the header's own length, not a re-encoding)."""
+    """The exact header of a Hub repo's safetensors file at ``commit``, read with two HTTP
+    range requests (its length, then its bytes), as it will be read from ``local_path`` once
+    downloaded: the byte offsets are those of the real file (the header's own length, not a
+    re-encoding)."""
     from huggingface_hub import constants, get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     url = hf_hub_url(repo_id, filename, revision=commit, endpoint=constants.ENDPOINT)
     headers = build_hf_headers(token=token)
-    first = 100_000  # most headers fit: one request (as huggingface_hub does)
-    reply = get_session().get(url, headers={**headers, "range": f"bytes=0-{first - 1}"})
-    hf_raise_for_status(reply)
-    content = reply.content
-    if len(content) < LENGTH_BYTES:
-        raise ModelError(f"{repo_id}/{filename}@{commit[:12]}: not a safetensors file")
-    (length,) = struct.unpack("<Q", content[:LENGTH_BYTES])
-    if length > _MAX_HEADER:
-        raise ModelError(f"{repo_id}/{filename}: not a safetensors file (header length {length})")
-    if LENGTH_BYTES + length <= len(content):
-        raw = content[LENGTH_BYTES : LENGTH_BYTES + length]
-    else:
-        rest = f"bytes={LENGTH_BYTES}-{LENGTH_BYTES + length - 1}"
-        reply = get_session().get(url, headers={**headers, "range": rest})
+
+    def read(first: int, last: int) -> bytes:
+        reply = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"})
         hf_raise_for_status(reply)
-        raw = reply.content
+        return bytes(reply.content)
+
+    # Two exact reads (the length, then the header): the shard's data is never touched.
+    prefix = read(0, LENGTH_BYTES - 1)
+    if len(prefix) < LENGTH_BYTES:
+        raise ModelError(f"{repo_id}/{filename}@{commit[:12]}: not a safetensors file")
+    (length,) = struct.unpack("<Q", prefix[:LENGTH_BYTES])
+    if length > _MAX_HEADER or LENGTH_BYTES + length > file_size:
+        raise ModelError(f"{repo_id}/{filename}: not a safetensors file (header length {length})")
+    raw = read(LENGTH_BYTES, LENGTH_BYTES + length - 1)
     if len(raw) != length:
         raise ModelError(f"{repo_id}/{filename}: truncated safetensors header")
     header = parse_header(local_path, raw, file_size=file_size)
