@@ -10,7 +10,7 @@ The same code runs in every setting that splits a merge:
 * within one pod, the index's share is split again over the pod's GPUs (one worker each).
 
 Which shards index ``i`` writes is :func:`index_shards`, a pure function of the plan's shard
-sizes, ``n`` and ``i`` (balanced by bytes: :func:`mergejob.io.shards.assign_shards`). Every
+sizes, ``n`` and ``i`` (balanced by bytes: :func:`mergejob.io.shards.assign_runs`). Every
 finished shard leaves its record (size, sha256, plan id, its inputs' sha256), so a pod killed
 half-way and started again with the same index redoes only its unfinished shards (and those
 whose inputs changed since); the finaliser checks every record's inputs against the sha256
@@ -66,7 +66,7 @@ from mergejob.engines.shard_inputs import drop_stale_records
 from mergejob.engines.stream import fetch_options, finalize, stream_report, write_shards
 from mergejob.engines.worker import worker_devices
 from mergejob.errors import MergeFailedError, SpecError
-from mergejob.io.shards import RECORDS_DIR, assign_shards, read_record, record_holds
+from mergejob.io.shards import RECORDS_DIR, assign_runs, assign_shards, read_record, record_holds
 from mergejob.pipeline import MergeResult, StartedJob, finish_output, start_job, start_uploader
 from mergejob.plan.work import Plan, plan_for_job
 from mergejob.spec import MergeSpec
@@ -86,11 +86,13 @@ INDEX_COUNT_ENV = settings.INDEX_COUNT_ENV
 
 def index_shards(shard_sizes: Sequence[int], count: int, index: int) -> list[int]:
     """The shards (positions in the plan, in file order) that index ``index`` of ``count``
-    writes: a pure function of the sizes, balanced by bytes. Every shard belongs to exactly
-    one index; with more indices than shards, the extra ones get nothing."""
+    writes: a pure function of the sizes, balanced by bytes, in runs of consecutive shards
+    where that balances as well (:func:`mergejob.io.shards.assign_runs`: an index then reads,
+    and fetches from the Hub, its own part of the base). Every shard belongs to exactly one
+    index; with more indices than shards, the extra ones get nothing."""
     if not 0 <= index < count:
         raise SpecError(f"index {index}: must be in 0..{count - 1} for {count} indices")
-    return assign_shards(shard_sizes, count)[index]
+    return assign_runs(shard_sizes, count)[index]
 
 
 def device_shares(

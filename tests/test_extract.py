@@ -74,7 +74,9 @@ def optimum(delta: torch.Tensor, rank: int) -> float:
     return math.sqrt(float((s[rank:] ** 2).sum() / (s**2).sum()))
 
 
-def extract(run_cli: CLI, base: Path, tuned: Path, out: Path, *flags: object) -> tuple[int, str, str]:
+def extract(
+    run_cli: CLI, base: Path, tuned: Path, out: Path, *flags: object
+) -> tuple[int, str, str]:
     return run_cli(
         "extract",
         "--base_model_name_or_path", base,
@@ -143,7 +145,9 @@ def test_a_rank_k_update_is_recovered_to_fp32_rounding(
     truth = delta_of(base, tuned)
     found = adapter_deltas(out)
     assert sorted(found) == sorted(
-        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
+        f"model.layers.{i}.{m}"
+        for i in (0, 1)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
     )  # the unchanged k_proj, gate_proj, up_proj are left out
     for module, product in found.items():
         delta = truth[f"{module}.weight"]
@@ -171,7 +175,9 @@ def test_merging_the_extracted_adapter_gives_back_the_finetune_within_one_roundi
     adapter = tmp_path / "adapter"
     code, _, err = extract(run_cli, base, tuned, adapter, "--embeddings", embeddings)
     assert code == 0, err
-    kinds = {r["module"]: r["kind"] for r in report(adapter)["modules"] if r["status"] != "identical"}
+    kinds = {
+        r["module"]: r["kind"] for r in report(adapter)["modules"] if r["status"] != "identical"
+    }
     if embeddings == "lora":
         assert kinds["model.embed_tokens"] == "embedding" and kinds["lm_head"] == "lora"
     else:
@@ -457,5 +463,10 @@ def test_the_recipe_reruns_the_extraction_byte_for_byte_and_a_rerun_does_nothing
     again = tmp_path / "again"
     code, _, err = run_cli("run", "--config", out / "mergejob.yaml", "--output_dir", again)
     assert code == 0, err
-    for name in ("adapter_model.safetensors", "adapter_config.json", "extraction.json", "README.md"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "extraction.json",
+        "README.md",
+    ):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name

@@ -47,7 +47,11 @@ def test_an_extract_section_makes_the_spec_an_extraction_with_defaults() -> None
     assert spec.task == "extract" and spec.adapters == []
     assert spec.extract is not None
     assert spec.extract.finetuned.path == "org/tuned" and spec.extract.finetuned.revision == "v2"
-    assert (spec.extract.max_rank, spec.extract.embeddings, spec.extract.svd) == (32, "full", "auto")
+    assert (spec.extract.max_rank, spec.extract.embeddings, spec.extract.svd) == (
+        32,
+        "full",
+        "auto",
+    )
     assert build_spec({"base": "b", "adapters": ["a"], "output": {"dir": "o"}}).task == "merge"
 
 
@@ -79,7 +83,9 @@ def test_the_schema_shows_the_extract_section(run_cli: CLI) -> None:
     assert code == 0
     schema = json.loads(out)
     extract = schema["$defs"]["ExtractSpec"]
-    assert {"finetuned", "max_rank", "min_energy", "embeddings", "svd"} <= set(extract["properties"])
+    assert {"finetuned", "max_rank", "min_energy", "embeddings", "svd"} <= set(
+        extract["properties"]
+    )
     assert extract["additionalProperties"] is False
     assert "adapters" not in schema.get("required", [])
 

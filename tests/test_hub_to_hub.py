@@ -134,6 +134,9 @@ def test_each_index_downloads_only_the_base_shards_its_share_reads(
         served = _served(hub_env)
         if index == 1:
             assert set(served) == reads, (served, reads)
+            # Consecutive output shards read the same input shards: an index fetches about
+            # its half of the base, plus the shard at the boundary.
+            assert sum(served.values()) <= sum(sizes.values()) / 2 + max(sizes.values())
         else:  # index 0 reads its own share; index 1's files are in this machine's cache
             assert set(served) <= reads
         for name, nbytes in served.items():
@@ -262,3 +265,36 @@ def test_delete_downloaded_keeps_a_window_and_what_the_cache_held_before(
     assert local.output_dir is not None
     for name in _weights_and_config(local.output_dir):
         assert filecmp.cmp(local.output_dir / name, result.output_dir / name, shallow=False)
+
+
+def test_plan_shows_each_index_s_download_and_the_disk_window(
+    hub_env: SeededHubServer, hub_base: dict[str, Any], tmp_path: Path, run_cli: Any
+) -> None:
+    import json
+
+    code, out, err = run_cli(
+        "plan", "--base", "org/base", "--adapters", hub_base["adapter"],
+        "--output_dir", tmp_path / "out", "--max-shard-size", OUT_SHARD,
+        "--index-count", "2", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    sizes = {n: (hub_base["base"] / n).stat().st_size for n in hub_base["shards"]}
+    assert report["streamed"] is True
+    assert report["largest_input_shard_bytes"] == max(sizes.values())
+    downloads = report["index_downloads"]
+    assert len(downloads) == 2
+    # Each index its half of the base (plus the shard at the boundary), together all of it.
+    assert all(d <= sum(sizes.values()) / 2 + max(sizes.values()) for d in downloads)
+    assert sum(downloads) >= sum(sizes.values())
+    disk = report["disk"]
+    assert 0 < disk["windowed_bytes"] < disk["needed_bytes"]
+    assert not _served(hub_env)  # planning downloads no shard
+
+    code, out, _ = run_cli(
+        "plan", "--base", "org/base", "--adapters", hub_base["adapter"],
+        "--output_dir", tmp_path / "out", "--index-count", "2",
+    )  # fmt: skip
+    assert code == 0
+    assert "index 0/2: downloads" in out and "index 1/2: downloads" in out
+    assert "disk with --delete-downloaded and --delete-uploaded" in out

@@ -77,6 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_logging_arguments(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument(
+        "--index-count", "--index_count", dest="index_count", type=int, metavar="N",
+        help="the job runs as an Indexed Job of N indices: show each index's share of the "
+        "base (the bytes it reads, and downloads from the Hub)",
+    )  # fmt: skip
+    plan.add_argument(
         "--strict",
         action="store_true",
         help="exit 2 on notices too (untied embeddings, resized vocabulary, ignored tensors)",
@@ -209,10 +214,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         layers.append({"output.dir": "."})
     spec = spec_from_args(args, *layers, config=args.config, file_data=file_data)
     token = settings.hub_token()
-    return print_plan(spec, as_json=args.json, token=token, strict=args.strict)
+    return print_plan(
+        spec, as_json=args.json, token=token, strict=args.strict, index_count=args.index_count
+    )
 
 
-def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: bool = False) -> int:
+def print_plan(
+    spec: MergeSpec,
+    *,
+    as_json: bool,
+    token: str | None,
+    strict: bool = False,
+    index_count: int | None = None,
+) -> int:
     """Build the job's plan report, print it, and return the exit code it calls for."""
     from mergejob.plan.report import plan_report  # reads headers over the Hub client
 
@@ -222,7 +236,7 @@ def print_plan(spec: MergeSpec, *, as_json: bool, token: str | None, strict: boo
         extraction = extraction_plan_report(spec, token=token, strict=strict)
         print(json.dumps(extraction.to_dict(), indent=2) if as_json else extraction.render())
         return EXIT_OK if extraction.ok else EXIT_BAD_INPUT
-    report = plan_report(spec, token=token, strict=strict)
+    report = plan_report(spec, token=token, strict=strict, index_count=index_count)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -37,7 +37,7 @@ from mergejob import logs, output, pipeline, recipe, settings
 from mergejob.card import card_spec
 from mergejob.errors import InputError, SpecError
 from mergejob.extraction.card import write_card
-from mergejob.extraction.engine import ExtractionOutcome, run_extraction
+from mergejob.extraction.engine import ExtractionOutcome, devices_for, run_extraction
 from mergejob.extraction.plan import ExtractionPlan, plan_extraction
 from mergejob.extraction.report import extraction_report, write_report
 from mergejob.extraction.writer import assemble_adapter, write_adapter_config
@@ -171,6 +171,7 @@ def extract(
             trust_remote_code=spec.base.trust_remote_code,
         )
         plan.raise_problems()
+        devices_for(spec.engine.device)  # a GPU asked for and missing: before any read
         for notice in plan.notices:
             log.info("notice: %s", notice)
     resolved = resolved_spec(spec, base, tuned)

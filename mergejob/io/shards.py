@@ -74,6 +74,46 @@ def assign_shards(shard_sizes: Sequence[int], workers: int) -> list[list[int]]:
     return [sorted(shards) for shards in assigned]
 
 
+def assign_runs(shard_sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """Like :func:`assign_shards`, but each worker takes a run of consecutive shards where
+    that balances as well: output shards follow the base's tensor order, so consecutive
+    output shards read the same input shards, and the indices of an Indexed Job then fetch
+    (nearly) disjoint parts of a Hub base. The runs minimise the largest load (binary
+    search over it, greedy cuts); when they leave two workers further apart than the
+    largest shard, the balance :func:`assign_shards` guarantees, its assignment is taken.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    sizes = list(shard_sizes)
+    if not sizes or workers == 1:
+        return assign_shards(sizes, workers)
+
+    def cuts(limit: int) -> list[list[int]] | None:
+        runs: list[list[int]] = [[]]
+        load = 0
+        for i, size in enumerate(sizes):
+            if runs[-1] and load + size > limit:
+                runs.append([])
+                load = 0
+            runs[-1].append(i)
+            load += size
+        return runs if len(runs) <= workers else None
+
+    low, high = max(sizes), sum(sizes)
+    while low < high:
+        middle = (low + high) // 2
+        if cuts(middle) is None:
+            low = middle + 1
+        else:
+            high = middle
+    runs = cuts(low) or []
+    runs += [[] for _ in range(workers - len(runs))]
+    loads = [sum(sizes[i] for i in run) for run in runs]
+    if max(loads) - min(loads) > max(sizes):
+        return assign_shards(sizes, workers)
+    return runs
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     """Proof that an output shard is finished: its name, size and sha256, for one plan, and

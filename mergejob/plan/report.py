@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any
 from mergejob import settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, MergeJobError
+from mergejob.fetch import DEFAULT_AHEAD
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.header_view import header_view
 from mergejob.io.headers import FLOAT_DTYPES, TensorRef, file_size, hub_headers, read_header
+from mergejob.io.shards import assign_runs
 from mergejob.plan.checks import (
     Problems,
     check_lora_shapes,
@@ -116,6 +118,11 @@ class PlanReport:
     # The base's values read to check the output dtype holds them (only when it is narrower
     # than the stored one): {"dtype", "tensors", "bytes_read", "unread"}; empty: none read.
     ranges: dict[str, Any] = field(default_factory=dict)
+    # A Hub base the stream engine fetches shard by shard: its largest shard, and the bytes
+    # each index of an Indexed Job downloads (with --index-count N).
+    streamed: bool = False
+    largest_input_shard_bytes: int = 0
+    index_downloads: list[int] = field(default_factory=list)
     strict: bool = False
 
     @property
@@ -167,6 +174,18 @@ class PlanReport:
                 f"({_size(self.download_bytes)} download cache + "
                 f"{_size(self.disk['output_bytes'])} output){f'; {free}' if free else ''}"
             )
+        if self.disk.get("windowed_bytes"):
+            lines.append(
+                f"disk with --delete-downloaded and --delete-uploaded: about "
+                f"{_size(self.disk['windowed_bytes'])} (a window of shards, not the model)"
+            )
+        if self.streamed:
+            lines.append(
+                "download: the base's shards one file at a time as the merge needs them "
+                "(stream engine), uploaded as they are written when publishing"
+            )
+        for i, nbytes in enumerate(self.index_downloads):
+            lines.append(f"index {i}/{len(self.index_downloads)}: downloads {_size(nbytes)}")
         for m in self.memory:
             gpu = f", {_size(m.gpu_bytes)} per GPU" if m.gpu_bytes else ""
             note = f" ({m.note})" if m.note else ""
@@ -216,8 +235,17 @@ def _duration(seconds: float) -> str:
 # Building the report
 
 
-def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = False) -> PlanReport:
+def plan_report(
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    strict: bool = False,
+    index_count: int | None = None,
+) -> PlanReport:
     """Check ``spec`` and estimate it, reading headers and configs only.
+
+    ``index_count``: the job runs as an Indexed Job of that many indices; the report says
+    how many bytes of the base each index reads (and, for a Hub base, downloads).
 
     Problems that make the merge impossible are collected in ``problems`` (every one that can
     be found, not only the first); bad input that stops planning itself (a base that does not
@@ -272,6 +300,7 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
     with header_view(base.local_dir, remote_headers=remote) as view:
         report.problems += view.problems
         plan = _fill(report, spec, view.folder, adapter_dirs, base.local_dir)
+        _inputs(report, spec, plan, view.folder, remote, index_count, base, token)
         _check_config(report, spec, view.folder, adapter_dirs, config_from)
         _check_ranges(report, view.folder, base.local_dir)
         # Messages name the view's temporary folder where they mean the base.
@@ -280,6 +309,55 @@ def plan_report(spec: MergeSpec, *, token: str | None = None, strict: bool = Fal
         report.notices = _unique(n.replace(str(view.folder), shown) for n in report.notices)
     _estimate(report, spec, plan, adapter_dirs)
     return report
+
+
+def _inputs(
+    report: PlanReport,
+    spec: MergeSpec,
+    plan: Plan | None,
+    view_dir: Path,
+    remote: dict[str, Any] | None,
+    index_count: int | None,
+    base: ResolvedSource,
+    token: str | None,
+) -> None:
+    """How the base comes in: streamed shard by shard (stream engine, Hub base) or first
+    downloaded whole (peft engine), its largest shard, and each index's share of it."""
+    if remote is not None:
+        sizes = _remote_sizes(base, list(remote), token) or {
+            name: file_size(header) for name, header in remote.items()
+        }
+        if spec.engine.name == "stream":
+            report.streamed = True
+        else:
+            report.notices.append(
+                "the peft engine downloads the whole base first (snapshot_download): it "
+                "loads the whole model anyway; the stream engine fetches it shard by shard"
+            )
+    else:
+        sizes = {p.name: p.stat().st_size for p in Path(view_dir).glob("*.safetensors")}
+    report.largest_input_shard_bytes = max(sizes.values(), default=0)
+    if plan is None or not index_count or index_count < 1:
+        return
+    for share in assign_runs(plan.shard_sizes(), index_count):
+        files = {Path(p).name for i in share for p in plan.shard_inputs(i).values()}
+        report.index_downloads.append(sum(sizes.get(name, 0) for name in files))
+
+
+def _remote_sizes(base: ResolvedSource, names: list[str], token: str | None) -> dict[str, int]:
+    """The Hub's own sizes of the base's shards (one paths-info request; {} if it fails:
+    the headers then give them to within a few bytes)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    if base.repo_id is None:
+        return {}
+    try:
+        infos = HfApi(token=token).get_paths_info(base.repo_id, names, revision=base.commit)
+    except Exception as exc:  # the estimate, not the job, depends on it
+        log.debug("paths-info of %s failed: %s", base.repo_id, exc)
+        return {}
+    return {i.path: int(i.size) for i in infos if isinstance(i, RepoFile)}
 
 
 def _missing_from_cache(repo_id: str, commit: str | None, headers: dict[str, Any]) -> int:
@@ -622,13 +700,21 @@ def _check_disk(report: PlanReport, spec: MergeSpec, offload_bytes: int) -> None
     a filesystem that cannot hold what the job writes there is a problem (the merge would
     fail with ENOSPC after hours), with the figures. Places on one filesystem add up."""
     places: list[tuple[str, str, Path, int]] = []  # (label, shown as, path, bytes)
+    output_bytes, download_bytes = report.output_bytes, report.download_bytes
+    # The delete options bound what stays on disk at once (the windows of _estimate).
+    if spec.publish is not None and spec.publish.delete_uploaded:
+        output_bytes = min(
+            output_bytes, (2 + max(1, spec.engine.workers)) * report.largest_shard_bytes
+        )
+    if report.streamed and spec.engine.delete_downloaded:
+        download_bytes = min(download_bytes, (DEFAULT_AHEAD + 1) * report.largest_input_shard_bytes)
     if spec.output.dir:
-        places.append(("output", spec.output.dir, Path(spec.output.dir), report.output_bytes))
-    if report.download_bytes:
+        places.append(("output", spec.output.dir, Path(spec.output.dir), output_bytes))
+    if download_bytes:
         from huggingface_hub import constants
 
         cache = constants.HF_HUB_CACHE
-        places.append(("cache", cache, Path(cache), report.download_bytes))
+        places.append(("cache", cache, Path(cache), download_bytes))
     if offload_bytes and spec.engine.offload_folder:
         folder = spec.engine.offload_folder
         places.append(("offload", folder, Path(folder), offload_bytes))
@@ -664,11 +750,20 @@ def _estimate(
 ) -> None:
     out_bytes = report.output_bytes
     offload = out_bytes if spec.engine.name == "peft" and spec.engine.offload_folder else 0
+    # With both delete options the disk holds a window: the shards fetched ahead (and the
+    # one in flight) per download worker, and the output shards waiting for the upload
+    # (two) or being written (one per worker).
+    fetch_window = (DEFAULT_AHEAD + 1) * report.largest_input_shard_bytes
+    upload_window = (2 + max(1, spec.engine.workers)) * report.largest_shard_bytes
+    windowed = 0
+    if report.streamed:
+        windowed = min(report.download_bytes, fetch_window) + min(out_bytes, upload_window)
     report.disk = {
         "output_bytes": out_bytes,
         "download_bytes": report.download_bytes,
         "offload_bytes": offload,
         "needed_bytes": out_bytes + report.download_bytes + offload,
+        "windowed_bytes": windowed,
         "free": {},
     }
     _check_disk(report, spec, offload)
