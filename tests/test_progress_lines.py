@@ -89,3 +89,18 @@ def test_phase_writes_what_status_reads(fmt: str) -> None:
     assert progress_from_log(lines[:2]) == "phase merge running, shard 2/5 done"
     assert progress_from_log(lines[:3]) == "phase merge done"
     assert progress_from_log(lines) == "phase write failed"
+
+
+def test_download_line_round_trips_and_status_shows_it_beside_the_merge() -> None:
+    line = logs.download_done_line(3, 30, "model-00003-of-00030.safetensors", 4_983_463_256)
+    assert line == "download 3/30 done: model-00003-of-00030.safetensors (4983463256 bytes)"
+    parsed = logs.parse_download_done(line)
+    assert parsed == logs.DownloadDone(3, 30, 4_983_463_256)
+    assert logs.parse_shard_done(line) is None  # not taken for an output shard
+    log = [
+        logs.phase_start_line("merge", {"engine": "stream"}),
+        logs.download_done_line(1, 30, "model-00001-of-00030.safetensors", 10),
+        logs.shard_done_line(1, 30, "model-00001-of-00030.safetensors", 2.0),
+        line,
+    ]
+    assert progress_from_log(log) == "phase merge running, download 3/30, shard 1/30 done"

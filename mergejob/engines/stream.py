@@ -252,6 +252,12 @@ class BaseDownloads:
         order = [names[p] for p in plan.input_order(pending) if p in names]
         self._reads = {plan.shards[i].name: [names[p] for p in reads[i]] for i in pending}
         self.bytes = sum(f.size for f in fetch.base.files if f.name in users)
+        # A bar of bytes downloaded on a terminal (the log has a line per shard).
+        self.bar: Any = None
+        if settings.progress_bars_enabled() and self.bytes:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.bytes, unit="B", unit_scale=True, desc="download")
         self.fetcher = ShardFetcher(
             fetch.base.repo_id,
             fetch.base.commit,
@@ -260,6 +266,7 @@ class BaseDownloads:
             workers=fetch.workers,
             delete_after_use=fetch.delete_after_use,
             users=dict(users),
+            progress=self.bar.update if self.bar is not None else None,
         ).start()
         self.gate = InputGate(
             {i: paths for i, paths in reads.items() if paths}, check=self.fetcher.raise_if_failed
@@ -271,6 +278,8 @@ class BaseDownloads:
 
     def close(self) -> None:
         self.fetcher.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def stream_report(

@@ -649,7 +649,11 @@ def check_split_job(spec: MergeSpec, options: LaunchOptions, *, local: bool) -> 
             f"ReadWriteMany PersistentVolumeClaim with --cache-pvc CLAIM (mounted at {CACHE_MOUNT})"
         )
     out = spec.output.dir
-    if out and out.startswith("/") and not (out == CACHE_MOUNT or out.startswith(f"{CACHE_MOUNT}/")):
+    if (
+        out
+        and out.startswith("/")
+        and not (out == CACHE_MOUNT or out.startswith(f"{CACHE_MOUNT}/"))
+    ):
         log.warning(
             "--workers %d: output.dir %s is not under %s (the shared PVC): every pod must "
             "see the same folder there",

@@ -34,6 +34,7 @@ from mergejob.launch.cluster import (
 )
 from mergejob.launch.manifests import SPEC_SHA_ANNOTATION
 from mergejob.logs import (
+    parse_download_done,
     parse_finaliser_waiting,
     parse_index,
     parse_index_done,
@@ -256,6 +257,7 @@ def progress_from_log(lines: Iterable[str]) -> str | None:
     phase: str | None = None
     event = ""
     shard = ""
+    download = ""
     output: str | None = None
     for raw in lines:
         line, fields = split_line(raw)
@@ -270,6 +272,9 @@ def progress_from_log(lines: Iterable[str]) -> str | None:
         done = parse_shard_done(line)
         if done:
             shard = f"shard {done.done}/{done.total}"
+        fetched = parse_download_done(line)
+        if fetched:
+            download = f"download {fetched.done}/{fetched.total}"
         output = parse_merged(line) or output
     if output:
         return f"done: merged model written to {output}"
@@ -277,8 +282,11 @@ def progress_from_log(lines: Iterable[str]) -> str | None:
         return None
     state = {"start": "running", "done": "done", "failed": "failed"}.get(event, event)
     text = f"phase {phase} {state}"
-    if phase == "merge" and shard and state == "running":
-        text += f", {shard} done"
+    if phase == "merge" and state == "running":
+        # A Hub base comes in during the merge: both how far the download and the merge are.
+        done_parts = [part for part in (download, shard) if part]
+        if done_parts:
+            text += ", " + ", ".join(done_parts) + " done"
     return text
 
 
