@@ -366,7 +366,7 @@ def _without_tensor(folder: Path, dest: Path, name: str) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["architecture", "shape", "missing", "identical", "max_rank", "no_gpu"],
+    ["architecture", "shape", "missing", "identical", "identical_copy", "max_rank", "no_gpu"],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     models: Any, run_cli: CLI, tmp_path: Path, case: str
@@ -382,7 +382,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         tuned = _without_tensor(finetune, tmp_path / "cut", "model.layers.1.mlp.up_proj.weight")
         expected = "lacks 1 tensor(s) that the base has (model.layers.1.mlp.up_proj.weight)"
     elif case == "identical":
-        tuned, expected = base, "nothing to extract"
+        tuned, expected = base, "is the base itself; nothing to extract"
+    elif case == "identical_copy":  # other files, same weights: found once read
+        tuned = Path(shutil.copytree(base, tmp_path / "copy"))
+        expected = "every extracted tensor equals the base's"
     elif case == "no_gpu":
         tuned, expected = models.finetune(base), "--device) cuda: no CUDA GPU is visible here"
         flags = ["--device", "cuda"]

@@ -163,6 +163,11 @@ def plan_extraction(
     _check_architectures(plan, base_config, tuned_config)
     if not plan.problems:  # tensors of another architecture would only repeat it
         _check_tensor_sets(plan)
+    if not plan.problems and _same_files(plan):
+        plan.problems.append(
+            f"{plan.tuned_dir}: holds the base's own weight files ({plan.base_dir}): the "
+            "fine-tuned model is the base itself; nothing to extract"
+        )
     if plan.problems:
         return plan
     types = layer_types(base_config, trust_remote_code=trust_remote_code)
@@ -233,6 +238,17 @@ def _check_tensor_sets(plan: ExtractionPlan) -> None:
             f"{plan.tuned_dir}: {len(misfit)} tensor(s) differ in shape from the base's "
             f"({few(misfit)}): not a fine-tune of this base"
         )
+
+
+def _same_files(plan: ExtractionPlan) -> bool:
+    """Whether both sides are the same files (one folder, or the same Hub blobs): known
+    without reading a weight (copies with other names are found when read)."""
+    base = {ref.path for ref in plan.base.values()}
+    tuned = {ref.path for ref in plan.tuned.values()}
+    if {Path(p).resolve() for p in base} == {Path(p).resolve() for p in tuned}:
+        return True
+    blobs = {file_identity(p) for p in base}
+    return all(i.startswith("blob:") for i in blobs) and blobs == {file_identity(p) for p in tuned}
 
 
 def _check_ranks(plan: ExtractionPlan) -> None:
