@@ -298,3 +298,42 @@ def test_plan_shows_each_index_s_download_and_the_disk_window(
     assert code == 0
     assert "index 0/2: downloads" in out and "index 1/2: downloads" in out
     assert "disk with --delete-downloaded and --delete-uploaded" in out
+
+
+def test_a_rerun_after_a_kill_during_the_merge_downloads_nothing_twice(
+    hub_env: SeededHubServer, hub_base: dict[str, Any], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "-m", "mergejob.cli", "merge", "--base", "org/base",
+        "--adapters", str(hub_base["adapter"]), "--output_dir", str(out),
+        "--max-shard-size", OUT_SHARD, "--download-workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_TOKEN": hub_env.alice_token, "MERGEJOB_TEST_KILL_AT": "shard-done"}
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL after the first output shard
+    from huggingface_hub import try_to_load_from_cache
+
+    assert _served(hub_env) and not out.exists()
+    # Complete in the cache at the kill (a shard still in flight may have to come again: the
+    # client completes or refetches a partial download, never uses it half-written).
+    cached = {
+        name
+        for name in hub_base["shards"]
+        if isinstance(try_to_load_from_cache("org/base", name, revision=hub_base["commit"]), str)
+    }
+    assert cached
+    hub_env.clear_requests()
+    env.pop("MERGEJOB_TEST_KILL_AT")
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = _served(hub_env)
+    assert not cached & set(again), (cached, again)
+    local = mergejob.merge(_spec(hub_base["adapter"], tmp_path / "local", str(hub_base["base"])))
+    assert local.output_dir is not None
+    for name in _weights_and_config(local.output_dir):
+        assert filecmp.cmp(local.output_dir / name, out / name, shallow=False), name

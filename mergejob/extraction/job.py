@@ -175,13 +175,15 @@ def extract(
         for notice in plan.notices:
             log.info("notice: %s", notice)
     resolved = resolved_spec(spec, base, tuned)
+    # What the recipe records: a published one names local folders by their names only.
+    recorded = recipe.without_local_paths(resolved) if spec.publish is not None else resolved
     out_dir, partial = place.out_dir, output.partial_dir_for(place.out_dir)
     finished = False
     if place.maybe_finished and not partial.exists():
         if place.temporary:
             finished = output.published_for(out_dir, plan.plan_id)
         else:
-            finished = holds_this_extraction(out_dir, plan.plan_id, resolved)
+            finished = holds_this_extraction(out_dir, plan.plan_id, recorded)
     if finished:
         log.info("%s already holds this extraction (plan %s): nothing to do", out_dir, plan.plan_id)
         output.forget_published(out_dir)
@@ -195,7 +197,7 @@ def extract(
     if place.maybe_finished:
         output.check_output_dir(out_dir, overwrite=place.overwrite)
     complete = (partial / settings.RECIPE_FILE).is_file() and holds_this_extraction(
-        partial, plan.plan_id, resolved
+        partial, plan.plan_id, recorded
     )
     inputs: Callable[[], list[dict[str, Any]]]
     if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything

@@ -25,8 +25,9 @@ from typing import Any
 from mergejob import model_config, settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import IncompatibleAdapterError, InputError, ModelError, SpecError, listing
+from mergejob.experts import FusedParameter, fused_parameters, strip_base_layer, wrapper_target
 from mergejob.io.checkpoint import CheckpointIndex
-from mergejob.io.headers import read_tensors
+from mergejob.io.headers import TensorRef, read_tensors
 from mergejob.sources import looks_like_repo_id
 from mergejob.spec import MergeSpec, SourceSpec
 
@@ -191,11 +192,19 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     prefix = settings.PEFT_PREFIX
     problems: list[str] = []
+    wrappers = _parameter_wrappers(base, config, read_tensors(weights))
     for key, ref in read_tensors(weights).items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module = key.split(".lora_", 1)[0]
         module = module[len(prefix) :] if module.startswith(prefix) else module
+        if module in wrappers:
+            if wrappers[module] is None:
+                problems.append(
+                    f"{key}: target_parameters {config.get('target_parameters')} name no "
+                    f"parameter of the base's {strip_base_layer(module)} that its LoRA factors fit"
+                )
+            continue
         target = base.tensors.get(f"{module}.weight")
         if target is None and module.split(".")[-1] in {"lm_head", "embed_out"}:
             # A tied model stores only the input embeddings; the head shares them.
@@ -222,3 +231,31 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
             f"{weights}: adapter does not fit base {base.folder} (was it trained on another "
             f"model?):{listing(problems)}"
         )
+
+
+def _parameter_wrappers(
+    base: CheckpointIndex, config: dict[str, Any], refs: dict[str, TensorRef]
+) -> dict[str, FusedParameter | None]:
+    """The adapter's parameter LoRAs (``target_parameters``, PEFT's ParamWrapper), by module:
+    the fused run-time parameter of the base each one fits (transformers' conversion mapping
+    for the base's ``model_type``), or None where none fits. Modules whose ``weight`` the
+    base holds are plain LoRA modules and not listed."""
+    if not config.get("target_parameters"):
+        return {}
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for key, ref in refs.items():
+        for part in ("lora_A", "lora_B"):
+            if f".{part}.weight" in key or key.endswith(f".{part}"):
+                module = key.split(".lora_", 1)[0].removeprefix(settings.PEFT_PREFIX)
+                if f"{module}.weight" not in base.tensors:
+                    shapes.setdefault(module, {})[part] = list(ref.shape)
+    if not shapes:
+        return {}
+    model_type = model_config.read_config(base.folder).get("model_type")
+    fused = fused_parameters(model_type, {n: t.shape for n, t in base.tensors.items()})
+    return {
+        module: wrapper_target(
+            config, module, fused, found.get("lora_A", []), found.get("lora_B", [])
+        )
+        for module, found in shapes.items()
+    }

@@ -100,7 +100,8 @@ def build_config(
     intermediate_size: int = 128,
     tie_word_embeddings: bool = False,
 ) -> Any:
-    """A transformers config of ``family`` (llama, qwen2 or gpt2) with tiny shapes."""
+    """A transformers config of ``family`` (llama, qwen2, gpt2, or a MoE family of
+    :data:`MOE_FAMILIES`) with tiny shapes."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if family == "llama":
@@ -142,7 +143,76 @@ def build_config(
             eos_token_id=2,
             pad_token_id=3,
         )
+    if family in MOE_FAMILIES:
+        return moe_config(
+            family,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            tie_word_embeddings=tie_word_embeddings,
+        )
     raise ValueError(f"unknown family {family!r}")
+
+
+# Mixture-of-experts families whose checkpoints keep one tensor per expert on disk while
+# transformers fuses them at run time (its conversion mapping), with the config class.
+MOE_FAMILIES = {
+    "mixtral": "MixtralConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "olmoe": "OlmoeConfig",
+}
+# The fused expert parameters a LoRA on experts targets (target_parameters), the same names
+# in every family above (transformers' modeling code: ``mlp.experts.gate_up_proj`` holds
+# gate and up of every expert, ``mlp.experts.down_proj`` the down projections).
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def moe_config(
+    family: str,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    tie_word_embeddings: bool,
+    num_experts: int = 4,
+) -> Any:
+    """A tiny config of a MoE ``family`` (see :data:`MOE_FAMILIES`): ``num_experts`` experts
+    of ``intermediate_size // 4`` each, two per token; Qwen2-MoE with its shared expert."""
+    import transformers
+
+    config_class = getattr(transformers, MOE_FAMILIES[family])
+    expert_size = max(8, intermediate_size // 4)
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "num_experts_per_tok": 2,
+    }
+    if family == "mixtral":
+        return config_class(**common, intermediate_size=expert_size, num_local_experts=num_experts)
+    extra: dict[str, Any] = {"num_experts": num_experts, "moe_intermediate_size": expert_size}
+    if family == "olmoe":
+        extra = {"num_experts": num_experts, "intermediate_size": expert_size}
+    elif family == "qwen2_moe":
+        extra["shared_expert_intermediate_size"] = intermediate_size // 2
+        extra["intermediate_size"] = intermediate_size
+    else:
+        extra["intermediate_size"] = intermediate_size
+    return config_class(**common, **extra)
 
 
 def make_base(
@@ -202,8 +272,15 @@ def make_adapter(
     seed: int = 1,
     b_scale: float = 0.02,
     adapter_dtype: torch.dtype = torch.float32,
+    target_parameters: Sequence[str] | None = None,
+    lora_bias: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
 ) -> Path:
     """Make a LoRA adapter for the model in ``base_dir`` and save it to ``dest``.
+
+    ``target_parameters`` puts LoRA on parameters (PEFT's ParamWrapper: the fused experts of
+    a MoE model, :data:`EXPERT_PARAMETERS`); ``lora_bias`` trains a bias on every lora_B;
+    ``trainable_token_indices`` trains those rows of the embeddings. Each is set non-zero.
 
     ``resize_vocab_to`` grows the vocabulary (new rows random) and saves the embeddings as
     modules_to_save, with a tokenizer of that size, as fine-tunes that add tokens do.
@@ -238,6 +315,9 @@ def make_adapter(
         bias="none",
         task_type="CAUSAL_LM",
         fan_in_fan_out=family == "gpt2",
+        target_parameters=list(target_parameters) if target_parameters else None,
+        lora_bias=lora_bias,
+        trainable_token_indices=trainable_token_indices,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -248,6 +328,8 @@ def make_adapter(
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.05 * torch.randn(param.shape, generator=generator))
+            elif "trainable_tokens_delta" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
             elif "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.01)
     dest = Path(dest)

@@ -89,3 +89,32 @@ def peft_merge(
 def _input_rows(model: Any) -> int:
     """Rows of the model's input embeddings (its vocabulary size as loaded)."""
     return int(cast(torch.Tensor, model.get_input_embeddings().weight).shape[0])
+
+
+def peft_merge_saved(
+    base: Path, adapters: list[Path], load_dtype: torch.dtype, out: Path
+) -> dict[str, torch.Tensor]:
+    """PEFT's merge (as :func:`peft_merge`) written with ``save_pretrained`` to ``out`` and
+    read back: the tensors under their names on disk, which for a MoE base are one tensor per
+    expert (transformers reverts its run-time fusion of the experts when it saves)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mergejob.engines.peft import _module_name, touches_embeddings, untie_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=load_dtype)
+    if any(touches_embeddings(model, a) for a in adapters):
+        untie_embeddings(model)
+    embed = _module_name(model, model.get_input_embeddings())
+    for adapter in adapters:
+        rows = _saved_embedding_rows(adapter, embed)
+        if rows is not None and rows != _input_rows(model):
+            model.resize_token_embeddings(rows, mean_resizing=False)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(str(out))
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(out).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[key] = handle.get_tensor(key)
+    return tensors
