@@ -43,6 +43,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for r in hub.requests:
                 received += r.bytes_in
                 if r.method == "GET" and r.status in (200, 206):
-                    sent[r.path] = sent.get(r.path, 0) + r.bytes_out
+                    key = f"{r.status} {r.path}"  # 206: a range read (a shard's header)
+                    sent[key] = sent.get(key, 0) + r.bytes_out
             Path(args.log).write_text(json.dumps({"sent": sent, "received": received}))
     return 0
 
@@ -169,8 +171,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def tree_bytes(*folders: Path) -> int:
-    """Bytes of the regular files under ``folders`` (links not followed: the HF cache's
-    snapshots link to its blobs)."""
+    """Disk bytes (allocated blocks) of the regular files under ``folders``: links are not
+    followed (the HF cache's snapshots link to its blobs), and a shard the uploader has
+    hollowed (``--delete-uploaded`` keeps its size, frees its blocks) counts as freed."""
     total = 0
     for folder in folders:
         for dirpath, _, names in os.walk(folder):
@@ -179,8 +182,8 @@ def tree_bytes(*folders: Path) -> int:
                     st = os.lstat(os.path.join(dirpath, name))
                 except OSError:
                     continue  # removed while we looked
-                if not os.path.islink(os.path.join(dirpath, name)):
-                    total += st.st_size
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_blocks * 512
     return total
 
 
@@ -219,6 +222,12 @@ def measure(
     phases = {m[1]: float(m[2]) for m in re.finditer(r"phase (\w+) done in ([\d.]+)s", text)}
     if phases:
         row["phases"] = phases
+    # The stream engine's "shard k/N done: ... (Xs elapsed)": when the first output shard
+    # was ready (the upload cannot start before) and when the last was.
+    elapsed = [float(m) for m in re.findall(r"shard \d+/\d+ done: .*\(([\d.]+)s elapsed\)", text)]
+    if elapsed:
+        row["first_shard_s"] = elapsed[0]
+        row["last_shard_s"] = elapsed[-1]
     if watch:
         row["peak_bytes"] = peak[0]
     return row
@@ -321,6 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     upload = [python, str(BENCH / "bench_overlap.py"), "upload", str(merged)]
     h2h = [python, "-m", "mergejob.cli", "merge", *hub_job, "--output_dir", OUT_REPO]
     h2h += ["--push_to_hub"]
+    h2h_dw1 = [*h2h, "--download-workers", "1"]
 
     sys.path.insert(0, str(BENCH))
     import bench_stream
@@ -338,8 +348,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutil.rmtree(merged, ignore_errors=True)
         shutil.rmtree(merged.parent / f".{merged.name}.mergejob-partial", ignore_errors=True)
         home = fresh_home()
-        row["merge"] = measure(merge, {**base_env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
-                               logs / f"merge-{run}.log")  # fmt: skip
+        row["merge"] = measure(
+            merge,
+            {**base_env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"},
+            logs / f"merge-{run}.log",
+        )
         if not reference:
             reference = sha256s(merged)
 
@@ -353,13 +366,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         identical.append(published == reference)
         server.remove()
 
+        if args.one_download_worker:
+            # Diagnostic: the same with --download-workers 1 (the first input shard arrives
+            # at the link's full rate instead of a quarter of it).
+            row["hub_to_hub_dw1"], server = on_hub("hub_to_hub_dw1", run, h2h_dw1)
+            row["hub_to_hub_dw1"].pop("_sent")
+            published = {k: v for k, v in server.head_tree(OUT_REPO).items() if k in reference}
+            identical.append(published == reference)
+            server.remove()
+
         alone = {k: row[k]["wall_s"] for k in ("download", "merge", "upload")}
         row["ratio"] = round(row["hub_to_hub"]["wall_s"] / max(alone.values()), 3)
         rows.append(row)
         print(
             f"run {run}: download {alone['download']:.1f}s, merge {alone['merge']:.1f}s, "
             f"upload {alone['upload']:.1f}s, hub-to-hub {row['hub_to_hub']['wall_s']:.1f}s "
-            f"({row['ratio']:.2f}x the slowest), identical {identical[-1]}, load "
+            f"({row['ratio']:.2f}x the slowest), "
+            + (
+                f"with --download-workers 1 {row['hub_to_hub_dw1']['wall_s']:.1f}s, "
+                if "hub_to_hub_dw1" in row
+                else ""
+            )
+            + f"identical {identical}, load "
             f"{row['download']['load_start']:.1f}..{row['hub_to_hub']['load_end']:.1f}",
             flush=True,
         )
@@ -377,12 +405,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     server.remove()
     sent = index_row.pop("_sent")
     per_shard = {
-        path.rsplit("/", 1)[-1]: n
-        for path, n in sent.items()
-        if f"/{BASE_REPO}/" in path and path.endswith(".safetensors")
+        key.rsplit("/", 1)[-1]: n
+        for key, n in sent.items()
+        if key.startswith("200 ") and f"/{BASE_REPO}/" in key and key.endswith(".safetensors")
     }
-    index_row["base_bytes_sent"] = sum(per_shard.values())
+    index_row["base_bytes_sent"] = sum(per_shard.values())  # whole files
     index_row["base_bytes_sent_per_shard"] = per_shard
+    index_row["header_range_bytes"] = sum(
+        n for key, n in sent.items() if key.startswith("206 ") and f"/{BASE_REPO}/" in key
+    )
     index_row["base_bytes"] = base_bytes
     index_row["target_bytes"] = base_bytes // 2 + largest_in
     index_row["met"] = index_row["base_bytes_sent"] <= index_row["target_bytes"]
@@ -416,7 +447,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    keys = ("download", "merge", "upload", "hub_to_hub")
+    keys = ["download", "merge", "upload", "hub_to_hub"]
+    keys += ["hub_to_hub_dw1"] if args.one_download_worker else []
     median = {k: round(statistics.median(r[k]["wall_s"] for r in rows), 2) for k in keys}
     median["ratio_of_medians"] = round(
         median["hub_to_hub"] / max(median["download"], median["merge"], median["upload"]), 3
@@ -456,10 +488,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "mergejob"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "mergejob"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return head + (" (mergejob/ modified)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -485,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-shard-size", default="200MB")
     run.add_argument("--down", type=float, default=80e6, help="download bytes/s of the link")
     run.add_argument("--up", type=float, default=80e6, help="upload bytes/s of the link")
+    run.add_argument(
+        "--one-download-worker",
+        action="store_true",
+        help="also time Hub to Hub with --download-workers 1 in each run (a diagnostic)",
+    )
     run.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     handlers = {"make": cmd_make, "serve": cmd_serve, "download": cmd_download, "run": cmd_run}

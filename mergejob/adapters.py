@@ -81,10 +81,7 @@ _HANDLED_KEYS = frozenset(
 _UNSUPPORTED_KEYS = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "layer_replication": "layer replication (layer_replication)",
-    "target_parameters": "LoRA on parameters (target_parameters, e.g. MoE experts)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "megatron_config": "Megatron parallel LoRA layers (megatron_config)",
-    "lora_bias": "trained LoRA biases (lora_bias)",
     "ensure_weight_tying": "tied LoRA adapters on tied embeddings (ensure_weight_tying)",
     "loftq_config": "LoftQ (loftq_config)",
 }
@@ -105,12 +102,19 @@ class LoraFactors:
     embedding: bool  # lora_embedding_A/B: the delta is (B @ A).T
     fan_in_fan_out: bool  # the config's flag (the plan decides per module from shapes)
     magnitude: TensorRef | None = None  # DoRA
+    # A LoRA on a parameter (target_parameters: PEFT's ParamWrapper, e.g. fused MoE experts);
+    # ``module`` is the wrapper's (``experts``, or ``experts.base_layer`` for the inner one of
+    # several on one module); the plan finds the parameter from the factors' shapes.
+    parameter: bool = False
+    bias: TensorRef | None = None  # lora_B's bias (lora_bias): bias += scale * it, as PEFT
 
     @property
     def keys(self) -> list[str]:
         keys = [self.a.name, self.b.name]
         if self.magnitude is not None:
             keys.append(self.magnitude.name)
+        if self.bias is not None:
+            keys.append(self.bias.name)
         return keys
 
 
@@ -137,6 +141,35 @@ class FullTensor:
 
 
 @dataclass(frozen=True)
+class TokenRows:
+    """Trained rows of an embedding (``trainable_token_indices``): PEFT's merge copies row
+    ``i`` of ``ref`` over row ``indices[i]`` of ``module``'s weight (``index_copy``)."""
+
+    module: str
+    ref: TensorRef
+    indices: tuple[int, ...]
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.weight"
+
+
+_TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_indices(config: Mapping[str, Any], module: str) -> list[int] | None:
+    """The token indices PEFT trains on ``module``: the config's list (for the input
+    embeddings) or the entry of its dict whose layer name ends ``module``."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, Mapping):
+        for layer, value in indices.items():
+            if module == layer or module.endswith(f".{layer}"):
+                return [int(i) for i in value]
+        return None
+    return [int(i) for i in indices] if indices else None
+
+
+@dataclass(frozen=True)
 class IgnoredTensor:
     """A tensor of the adapter file that PEFT does not use for a merge, and why."""
 
@@ -158,6 +191,7 @@ class AdapterFactors:
     use_dora: bool
     use_rslora: bool
     config: Mapping[str, Any]
+    tokens: tuple[TokenRows, ...] = ()
 
     @property
     def name(self) -> str:
@@ -246,6 +280,17 @@ def is_targeted(config: Mapping[str, Any], module: str) -> bool:
     return found
 
 
+def targets_parameter(config: Mapping[str, Any], module: str) -> bool:
+    """Whether PEFT would wrap a parameter of ``module`` (``target_parameters``): one entry
+    names a parameter of the module (its name without PEFT's ``.base_layer`` nesting)."""
+    owner = module.replace(".base_layer", "")
+    for target in config.get("target_parameters") or ():
+        target_module = str(target).rpartition(".")[0]
+        if owner == target_module or owner.endswith(f".{target_module}"):
+            return True
+    return False
+
+
 def _is_saved_module(module: str, modules_to_save: Sequence[str]) -> bool:
     return any(module == m or module.endswith(f".{m}") for m in modules_to_save)
 
@@ -253,6 +298,7 @@ def _is_saved_module(module: str, modules_to_save: Sequence[str]) -> bool:
 _LORA_PARTS = {
     "lora_A.weight": ("a", False),
     "lora_B.weight": ("b", False),
+    "lora_B.bias": ("bias", None),
     "lora_embedding_A": ("a", True),
     "lora_embedding_B": ("b", True),
     "lora_magnitude_vector": ("m", None),
@@ -345,6 +391,11 @@ def read_adapter(
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     for module, found in parts.items():
         a, b, magnitude = found.get("a"), found.get("b"), found.get("m")
+        bias = found.get("bias")
+        if bias is not None and not config.get("lora_bias"):
+            problems.append(f"{bias.name}: a lora_B bias in an adapter without lora_bias")
+        if bias is not None and b is not None and tuple(bias.shape) != (b.shape[0],):
+            problems.append(f"{bias.name}: shape {list(bias.shape)} does not fit B {list(b.shape)}")
         if a is None or b is None:
             missing = "A" if a is None else "B"
             problems.append(f"{module}: LoRA factor {missing} is missing")
@@ -353,7 +404,8 @@ def read_adapter(
             problems.append(f"{magnitude.name}: DoRA magnitude in an adapter without use_dora")
         if magnitude is None and use_dora:
             problems.append(f"{module}: use_dora is set but the DoRA magnitude vector is missing")
-        if not is_targeted(config, module):
+        parameter = not is_targeted(config, module) and targets_parameter(config, module)
+        if not parameter and not is_targeted(config, module):
             problems.append(
                 f"{module}: has LoRA factors but is outside target_modules/layers_to_transform "
                 "(PEFT would not load them)"
@@ -363,7 +415,17 @@ def read_adapter(
         alpha = alpha_pattern.get(
             pattern_key(list(alpha_pattern), module), config.get("lora_alpha", 8)
         )
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
+        if parameter and bias is not None:
+            problems.append(
+                f"{bias.name}: a lora_B bias on a parameter LoRA, which PEFT's merge leaves out"
+            )
+            continue
+        if parameter and magnitude is not None:
+            problems.append(f"{module}: DoRA on a parameter LoRA, which PEFT does not build")
+            continue
+        # A parameter LoRA on E experts has rank r * E (PEFT's layout); the plan checks E.
+        rank_fits = a.shape[0] % r == 0 if parameter else a.shape[0] == r
+        if len(a.shape) != 2 or len(b.shape) != 2 or not rank_fits or b.shape[1] != a.shape[0]:
             source = f"rank_pattern {rank_key!r}" if rank_key in rank_pattern else "r"
             problems.append(
                 f"{module}: factors A {list(a.shape)} and B {list(b.shape)} do not have rank "
@@ -382,6 +444,8 @@ def read_adapter(
                 embedding=kinds.get(module, False),
                 fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
                 magnitude=magnitude,
+                parameter=parameter,
+                bias=bias,
             )
         )
 
@@ -389,7 +453,24 @@ def read_adapter(
     full: list[FullTensor] = []
     ignored: list[IgnoredTensor] = []
     plain_names = {name for name, _ in plain}
+    tokens: list[TokenRows] = []
     for name, ref in plain:
+        if name.endswith(_TOKEN_DELTA):
+            owner = name.removesuffix(_TOKEN_DELTA)
+            indices = _token_indices(config, owner)
+            if indices is None:
+                problems.append(f"{ref.name}: trainable tokens of {owner}, not in the config")
+            elif len(ref.shape) != 2 or ref.shape[0] != len(indices):
+                problems.append(
+                    f"{ref.name}: shape {list(ref.shape)} does not hold the {len(indices)} rows "
+                    "of trainable_token_indices"
+                )
+            else:
+                tokens.append(TokenRows(owner, ref, tuple(indices)))
+            continue
+        if name.endswith(".token_adapter.trainable_tokens_original"):
+            ignored.append(IgnoredTensor(ref.name, "the base's rows, which a merge overwrites"))
+            continue
         module, _, param = name.rpartition(".")
         if module.endswith(".base_layer"):
             owner = module.removesuffix(".base_layer")
@@ -435,8 +516,10 @@ def read_adapter(
             f"{adapter_dir}: a weight ({weight}) is not defined for a DoRA adapter (its "
             "magnitude rescales the whole weight); merge it at weight 1.0"
         )
-    if weight != 1.0 and any(f.role != "base_layer" for f in full):
-        names = ", ".join(sorted(f.target for f in full if f.role != "base_layer"))
+    if weight != 1.0 and (tokens or any(f.role != "base_layer" for f in full)):
+        names = ", ".join(
+            sorted({f.target for f in full if f.role != "base_layer"} | {t.target for t in tokens})
+        )
         raise UnsupportedAdapterError(
             f"{adapter_dir}: a weight ({weight}) applies to LoRA deltas; this adapter replaces "
             f"whole tensors ({names}), which a weight does not scale; merge it at weight 1.0"
@@ -452,6 +535,7 @@ def read_adapter(
         use_dora=use_dora,
         use_rslora=use_rslora,
         config=dict(config),
+        tokens=tuple(tokens),
     )
 
 
@@ -467,6 +551,7 @@ __all__ = [
     "FullTensor",
     "IgnoredTensor",
     "LoraFactors",
+    "TokenRows",
     "check_supported",
     "default_target_modules",
     "is_targeted",

@@ -766,6 +766,8 @@ def saved_vocab_rows(adapter_dir: Path, hidden_size: int | None) -> int | None:
         int(ref.shape[0])
         for name, ref in read_tensors(path, check_size=False).items()
         if "lora_" not in name
+        # trainable_token_indices: rows of the chosen tokens only, never a whole vocabulary
+        and "trainable_tokens_" not in name
         and not name.endswith("original_module.weight")
         and len(ref.shape) == 2
         and (hidden_size is None or ref.shape[1] == hidden_size)

@@ -155,10 +155,8 @@ def _edited(adapter: Path, dest: Path, **changes: Any) -> Path:
         ({"peft_type": "LOHA"}, "PEFT method LOHA"),
         ({"peft_type": "IA3"}, "PEFT method IA3"),
         ({"bias": "lora_only"}, "bias training"),
-        ({"lora_bias": True}, "trained LoRA biases"),
         ({"use_qalora": True}, "QA-LoRA"),
         ({"init_lora_weights": "pissa_niter_4"}, "rewrites the base weights"),
-        ({"trainable_token_indices": [5, 6]}, "trainable tokens"),
         ({"some_future_variant": {"x": 1}}, "some_future_variant"),
     ],
 )

@@ -12,6 +12,7 @@ oracle.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 import mergejob
 from tests.support.models import EXPERT_PARAMETERS
 from tests.support.oracle import peft_merge_saved
-from tests.support.tensors import bitwise_equal, load_folder
+from tests.support.tensors import bitwise_equal, load_folder, steps_apart
 
 FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 # Qwen2-MoE's shared expert is a plain MLP of Linear layers: targeted as modules.
@@ -77,3 +78,182 @@ def test_peft_engine_merges_expert_lora_bit_identical_to_peft(
     assert experts and all(not bitwise_equal(got[n], before[n]) for n in experts)
     for name, tensor in got.items():
         assert bitwise_equal(tensor, expected[name]), f"{name} differs from PEFT's merge"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stream_engine_merges_expert_lora_within_one_step_of_peft_fp32(
+    family: str, models: Any, tmp_path: Path
+) -> None:
+    """The stream engine computes each expert's delta as PEFT's ParamWrapper does
+    (``einsum("o r e, e r i -> e o i", B, A) * scale``) in fp32, one disk tensor at a time,
+    and rounds once. PEFT in fp32 sums the same products over the rank in its own order
+    (einsum against mm: a few fp32 ulps apart), so after rounding both to bf16 a value whose
+    fp32 results straddle a rounding boundary may land one bf16 step apart: within one step,
+    never more. Tensors no adapter touches are the base's bytes."""
+    from transformers import AutoModelForCausalLM
+
+    base = _base(models, family)
+    adapters = [_experts_adapter(models, base, family), _plain_adapter(models, base)]
+    out = _merge(base, adapters, tmp_path / "out", "stream")
+    oracle = peft_merge_saved(base, adapters, torch.float32, tmp_path / "oracle")
+    got = load_folder(out)
+    before = load_folder(base)
+    assert set(got) == set(before) == set(oracle)
+    experts = _expert_tensors(before)
+    assert experts and all(not bitwise_equal(got[n], before[n]) for n in experts)
+    for name, tensor in got.items():
+        expected = oracle[name].to(tensor.dtype)
+        steps = int(steps_apart(tensor, expected).max())
+        assert steps <= 1, f"{name}: {steps} steps from PEFT's fp32 merge rounded once"
+        if bitwise_equal(oracle[name].to(before[name].dtype), before[name]):
+            assert bitwise_equal(tensor, before[name]), f"{name}: untouched but not byte-equal"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    loaded = dict(model.state_dict())
+    assert any(".experts." in n for n in loaded)
+
+
+def test_expert_lora_that_fits_no_expert_parameter_is_refused_by_both_engines(
+    models: Any, tmp_path: Path
+) -> None:
+    """An expert adapter of a base with other expert sizes: both engines name the factors."""
+    from mergejob.errors import IncompatibleAdapterError
+
+    adapter = _experts_adapter(models, _base(models, "mixtral"), "mixtral")
+    other = models.base(family="mixtral", dtype=torch.bfloat16, intermediate_size=256, seed=8)
+    for engine in ("peft", "stream"):
+        with pytest.raises(IncompatibleAdapterError) as error:
+            _merge(other, [adapter], tmp_path / f"out-{engine}", engine)
+        assert "target_parameters" in str(error.value), engine
+        assert "mlp.experts" in str(error.value), engine
+        assert not (tmp_path / f"out-{engine}").exists()
+
+
+LORA_BIAS = (
+    {"family": "qwen2", "dtype": torch.bfloat16, "seed": 9},
+    {"target_modules": ["q_proj", "v_proj"], "lora_bias": True, "seed": 23},
+)
+TRAINABLE_TOKENS = (
+    {"family": "llama", "dtype": torch.bfloat16, "seed": 10},
+    {"target_modules": ["q_proj"], "trainable_token_indices": [5, 7, 11], "seed": 24},
+)
+VARIANTS = {"lora_bias": LORA_BIAS, "trainable_token_indices": TRAINABLE_TOKENS}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_variants_merge_with_engine_peft_bit_identical_to_peft(
+    variant: str, models: Any, tmp_path: Path
+) -> None:
+    """lora_bias (on a biased base) and trainable_token_indices: PEFT merges them, and so
+    does the peft engine, bit for bit (the trainable token rows were once taken for a
+    resized vocabulary of 3 rows)."""
+    from tests.support.oracle import seed_merge
+
+    base_args, adapter_args = VARIANTS[variant]
+    base = models.base(**base_args)
+    adapter = models.adapter(base, **adapter_args)
+    out = _merge(base, [adapter], tmp_path / "out", "peft")
+    expected, _ = seed_merge(base, [adapter], torch.bfloat16)
+    got = load_folder(out)
+    before = load_folder(base)
+    assert set(got) == set(expected)
+    assert any(not bitwise_equal(got[n], before[n]) for n in got)
+    for name, tensor in got.items():
+        assert bitwise_equal(tensor, expected[name]), f"{name} differs from PEFT's merge"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lora_variants_merge_with_the_stream_engine_as_peft_in_fp32(
+    variant: str, models: Any, tmp_path: Path
+) -> None:
+    """The stream engine computes PEFT's expressions in fp32 (for lora_bias
+    ``bias + lora_B.bias * scale``; for trainable tokens the trained rows copied over the
+    embedding's) and rounds once: bit for bit PEFT's fp32 merge rounded once, with a second
+    plain adapter too; untouched tensors byte-equal."""
+    from tests.support.oracle import peft_merge
+
+    base_args, adapter_args = VARIANTS[variant]
+    base = models.base(**base_args)
+    adapters = [models.adapter(base, **adapter_args), _plain_adapter(models, base)]
+    out = _merge(base, adapters, tmp_path / "out", "stream")
+    oracle, _ = peft_merge(base, adapters, torch.float32)
+    got = load_folder(out)
+    before = load_folder(base)
+    changed = [n for n in got if not bitwise_equal(got[n], before[n])]
+    touched = ".bias" if variant == "lora_bias" else "embed_tokens.weight"
+    assert any(n.endswith(touched) for n in changed), changed
+    for name, tensor in got.items():
+        expected = oracle[name].to(tensor.dtype)
+        assert bitwise_equal(tensor, expected), (
+            f"{name}: {int(steps_apart(tensor, expected).max())} steps from PEFT fp32"
+        )
+        if bitwise_equal(expected, before[name]):
+            assert bitwise_equal(tensor, before[name]), name
+
+
+def test_lora_bias_on_a_layer_without_bias_is_refused_as_peft_refuses_it(
+    models: Any, tmp_path: Path
+) -> None:
+    from mergejob.errors import IncompatibleAdapterError
+
+    base = models.base(**LORA_BIAS[0])
+    adapter = models.adapter(base, target_modules=["q_proj", "o_proj"], lora_bias=True, seed=25)
+    for engine in ("stream", "peft"):
+        with pytest.raises(IncompatibleAdapterError) as error:
+            _merge(base, [adapter], tmp_path / engine, engine)
+        assert "o_proj has no bias" in str(error.value), engine
+        assert not (tmp_path / engine).exists()
+
+
+def test_trainable_tokens_on_tied_embeddings_change_both_as_peft_does(
+    models: Any, tmp_path: Path
+) -> None:
+    """PEFT ties lm_head's token adapter to embed_tokens' on a tied base: the merge changes
+    the one shared matrix and the model stays tied. The peft engine gives exactly that (it
+    once untied first and kept lm_head unchanged); the stream engine, whose untying cannot
+    express it, refuses naming --engine peft."""
+    from mergejob.errors import UnsupportedAdapterError
+    from tests.support.oracle import seed_merge
+
+    base = models.base(dtype=torch.bfloat16, tie_word_embeddings=True, seed=12)
+    adapter = models.adapter(
+        base, target_modules=["q_proj"], trainable_token_indices=[5, 7], seed=26
+    )
+    with pytest.raises(UnsupportedAdapterError) as error:
+        _merge(base, [adapter], tmp_path / "stream", "stream")
+    assert "--engine peft" in str(error.value)
+    out = _merge(base, [adapter], tmp_path / "out", "peft")
+    expected, tied = seed_merge(base, [adapter], torch.bfloat16)
+    got = load_folder(out)
+    config = json.loads((out / "config.json").read_text())
+    assert tied and config["tie_word_embeddings"] is True
+    for name, tensor in got.items():
+        assert bitwise_equal(tensor, expected[name]), f"{name} differs from PEFT's merge"
+    assert not bitwise_equal(
+        got["model.embed_tokens.weight"], load_folder(base)["model.embed_tokens.weight"]
+    )
+
+
+def test_an_indexed_job_of_two_indices_writes_the_same_bytes(
+    models: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Expert tensors are planned per disk tensor, so the indices' shares of the shards
+    merge them apart: two local indices give the one-process merge's bytes."""
+    import filecmp
+
+    from mergejob.cli import main
+
+    base = _base(models, "qwen3_moe")
+    adapters = [_experts_adapter(models, base, "qwen3_moe"), _plain_adapter(models, base)]
+    single = _merge(base, adapters, tmp_path / "single", "stream")
+    out = tmp_path / "indexed"
+    argv = ["submit", "--local", "--workers", "2", "--base", str(base), "--adapters"]
+    argv += [str(a) for a in adapters]
+    argv += ["--output_dir", str(out), "--max-shard-size", "60KB"]
+    code = main(argv)
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    assert "index 1/2 done" in captured.out
+    shards = sorted(p.name for p in single.glob("*.safetensors"))
+    assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in [*shards, "model.safetensors.index.json", "config.json"]:
+        assert filecmp.cmp(single / name, out / name, shallow=False), name

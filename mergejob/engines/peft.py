@@ -267,6 +267,10 @@ def touches_embeddings(model: Any, adapter_dir: Path) -> bool:
     if out is not None:
         names.add(_module_name(model, out))
     for key in read_tensors(path):
+        if ".token_adapter." in key:
+            # trainable_token_indices: PEFT ties lm_head's token adapter to embed_tokens' on
+            # a tied model (both change); untying first would leave lm_head unchanged.
+            continue
         module = key.removeprefix(settings.PEFT_PREFIX)
         if any(module == n or module.startswith(f"{n}.") for n in names):
             return True

@@ -213,7 +213,7 @@ class TensorComputer:
         whole = any(op.kind == "dora" for op in tensor.ops)
         blocks = [(0, rows)] if whole else row_blocks(rows, cols)
         for op in tensor.ops:  # loaded once, here; the lanes only read them
-            for ref in (op.a, op.b, op.magnitude):
+            for ref in (op.a, op.b, op.magnitude, op.source if op.kind == "rows" else None):
                 if ref is not None:
                     self._factor(ref)
         if self._pool is None or len(blocks) == 1:
@@ -273,6 +273,19 @@ class TensorComputer:
             check_finite(rows, op.source)
             w32.copy_(rows)
             return
+        if op.kind == "rows":
+            # PEFT: W.index_copy(0, indices, trainable_tokens_delta): later rows win.
+            assert op.source is not None
+            values = self._factor(op.source)
+            for i, token in enumerate(op.tokens):
+                if row0 <= token < row1:
+                    w32[token - row0].copy_(values[i])
+            return
+        if op.kind == "bias":
+            # PEFT: bias += lora_B.bias * scale (in fp32 here, rounded once with the rest).
+            assert op.b is not None
+            w32.add_((self._factor(op.b)[row0:row1] * op.coef).view(row1 - row0, cols))
+            return
         assert op.a is not None and op.b is not None
         a, b = self._factor(op.a), self._factor(op.b)
         if op.kind == "dora":
@@ -280,7 +293,19 @@ class TensorComputer:
             w32.copy_(dora_merge(w32, a, b, self._factor(op.magnitude), op.coef, op.transposed))
             return
         # PEFT: W += transpose(B @ A) * scale; the product first, then the scale, then the sum.
-        if op.transposed:
+        if op.experts:
+            # PEFT's ParamWrapper: A.reshape(E, r, in)[e] and B.reshape(out, r, E)[:, :, e]
+            # give expert e's (out, in) delta of the fused parameter; this tensor is rows
+            # op.rows of it (gate or up of gate_up_proj), of which rows row0:row1 here.
+            rank = a.shape[0] // op.experts
+            a_e = a.view(op.experts, rank, a.shape[1])[op.expert]
+            b_e = b.view(b.shape[0], rank, op.experts)[:, :, op.expert]
+            first = op.rows[0] + row0
+            delta = self._typed("delta", torch.float32, (row1 - row0, a.shape[1]), self.device)
+            torch.mm(b_e[first : first + row1 - row0], a_e, out=delta)
+            delta.mul_(op.coef)
+            w32.add_(delta)
+        elif op.transposed:
             # The delta of rows row0:row1 is columns row0:row1 of B @ A, transposed.
             delta = self._typed("delta", torch.float32, (b.shape[0], row1 - row0), self.device)
             torch.mm(b, a[:, row0:row1], out=delta)

@@ -198,6 +198,12 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
             continue
         module = key.split(".lora_", 1)[0]
         module = module[len(prefix) :] if module.startswith(prefix) else module
+        if key.endswith(".lora_B.bias") and f"{module}.bias" not in base.tensors:
+            problems.append(
+                f"{key}: {module} has no bias in the base, so PEFT cannot merge its lora_bias "
+                "(retrain without lora_bias on it)"
+            )
+            continue
         if module in wrappers:
             if wrappers[module] is None:
                 problems.append(
@@ -251,7 +257,10 @@ def _parameter_wrappers(
                     shapes.setdefault(module, {})[part] = list(ref.shape)
     if not shapes:
         return {}
-    model_type = model_config.read_config(base.folder).get("model_type")
+    try:
+        model_type = model_config.read_config(base.folder).get("model_type")
+    except InputError:
+        model_type = None  # no config to read: names as they are, as without a mapping
     fused = fused_parameters(model_type, {n: t.shape for n, t in base.tensors.items()})
     return {
         module: wrapper_target(

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergejob import settings
-from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, read_adapter
-from mergejob.errors import IncompatibleAdapterError, ModelError
+from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, TokenRows, read_adapter
+from mergejob.errors import IncompatibleAdapterError, ModelError, UnsupportedAdapterError
+from mergejob.experts import FusedParameter, fused_parameters, strip_base_layer, wrapper_target
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import DTYPE_SIZES, FLOAT_DTYPES, TensorRef
 from mergejob.io.shards import pack_shards, shard_file_names
@@ -46,7 +47,7 @@ _INPUT_EMBEDDING_RE = re.compile(
 )
 _OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 
-OpKind = Literal["replace", "lora", "dora"]
+OpKind = Literal["replace", "lora", "dora", "bias", "rows"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ class TensorOp:
 
     ``replace``: the tensor becomes ``source`` (modules_to_save, or a base copy PEFT loads);
     ``lora``: ``W += coef * (B @ A)`` (``.T`` when ``transposed``: Conv1D, embeddings);
-    ``dora``: PEFT's DoRA merge of that delta and ``magnitude`` into the current ``W``.
+    ``dora``: PEFT's DoRA merge of that delta and ``magnitude`` into the current ``W``;
+    ``bias``: ``W += coef * B`` for a bias, ``b`` being lora_B's bias (``lora_bias``);
+    ``rows``: rows ``tokens`` of ``W`` become the rows of ``source`` (trainable tokens).
     ``coef`` is the adapter's weight times its scale (alpha/r, or alpha/sqrt(r)).
     """
 
@@ -67,10 +70,19 @@ class TensorOp:
     magnitude: TensorRef | None = None
     coef: float = 0.0
     transposed: bool = False
+    # A parameter LoRA on fused experts (PEFT's ParamWrapper, target_parameters): A is
+    # (r * experts, in), B is (out, r * experts); this tensor is rows ``rows`` of expert
+    # ``expert``'s matrix in the fused run-time parameter (experts == 0: a plain LoRA).
+    experts: int = 0
+    expert: int = 0
+    rows: tuple[int, int] = (0, 0)
+    tokens: tuple[int, ...] = ()  # kind "rows": the embedding rows ``source`` replaces
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0] if self.a is not None else 0
+        if self.a is None:
+            return 0
+        return self.a.shape[0] // self.experts if self.experts else self.a.shape[0]
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,8 @@ class Plan:
         for tensor in self.tensors:
             for op in tensor.ops:
                 if op.a is not None and op.b is not None:
-                    total += 2 * op.rank * op.a.shape[1] * op.b.shape[0]
+                    out = op.rows[1] - op.rows[0] if op.experts else op.b.shape[0]
+                    total += 2 * op.rank * op.a.shape[1] * out
         return total
 
     def shard_sizes(self) -> list[int]:
@@ -301,7 +314,7 @@ def build_plan(
             trust_remote_code=trust_remote_code,
             ask_transformers=ask_transformers,
         )
-        builder = _PlanBuilder(base, layout)
+        builder = _PlanBuilder(base, layout, model_type)
         for i, adapter in enumerate(factors):
             builder.add_adapter(i, adapter)
         if not builder.unmapped:
@@ -320,9 +333,13 @@ def build_plan(
 class _PlanBuilder:
     """Collects each adapter's ops per base tensor, checking shapes as it goes."""
 
-    def __init__(self, base: dict[str, TensorRef], layout: EmbeddingLayout) -> None:
+    def __init__(
+        self, base: dict[str, TensorRef], layout: EmbeddingLayout, model_type: str | None = None
+    ) -> None:
         self.base = base
         self.layout = layout
+        self.model_type = model_type
+        self._fused: dict[str, FusedParameter] | None = None
         self.ops: dict[str, list[TensorOp]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {n: r.shape for n, r in base.items()}
         if layout.output is not None and layout.input is not None and layout.tied:
@@ -379,6 +396,9 @@ class _PlanBuilder:
         square_default = self._square_fan_in_fan_out(adapter)
         for lora in adapter.loras:
             target = self.resolve(f"{lora.module}.weight")
+            if target is None and lora.parameter:
+                self._add_parameter_lora(index, adapter, lora)
+                continue
             if target is None:
                 self.unmapped.extend(f"{adapter.path}: {key}" for key in lora.keys)
                 continue
@@ -395,6 +415,86 @@ class _PlanBuilder:
                     magnitude=lora.magnitude,
                     coef=adapter.weight * lora.scale,
                     transposed=transposed,
+                )
+            )
+            if lora.bias is not None:
+                self._add_lora_bias(index, adapter, lora)
+        for tokens in adapter.tokens:
+            self._add_token_rows(index, adapter, tokens)
+
+    def _add_token_rows(self, index: int, adapter: AdapterFactors, tokens: TokenRows) -> None:
+        """trainable_token_indices: PEFT's merge copies the trained rows over the weight's."""
+        target = self.resolve(tokens.target)
+        if target is None:
+            self.unmapped.append(f"{adapter.path}: {tokens.ref.name}")
+            return
+        if self.layout.tied and target in (self.layout.input, self.layout.output):
+            # PEFT ties the token adapter of lm_head to that of embed_tokens (both change);
+            # mergejob unties changed embeddings, which would leave one of them unchanged.
+            raise UnsupportedAdapterError(
+                f"{adapter.path}: {tokens.ref.name}: trainable tokens on the tied embeddings of "
+                "this base are not expressed by the stream engine (its untying of changed "
+                "embeddings would change only one of the two matrices, where PEFT changes "
+                "both); merge it with --engine peft"
+            )
+        shape = self.shapes[target]
+        bad = [i for i in tokens.indices if not 0 <= i < shape[0]]
+        if len(shape) != 2 or tokens.ref.shape[1] != shape[1] or bad:
+            self.misfit.append(
+                f"{adapter.path}: {tokens.ref.name} {list(tokens.ref.shape)} (rows {bad or ''}) "
+                f"does not fit {target} {list(shape)}"
+            )
+            return
+        self.ops.setdefault(target, []).append(
+            TensorOp(adapter=index, kind="rows", source=tokens.ref, tokens=tokens.indices)
+        )
+
+    def _add_lora_bias(self, index: int, adapter: AdapterFactors, lora: LoraFactors) -> None:
+        """lora_bias: PEFT adds ``scale * lora_B.bias`` to the layer's bias when it merges."""
+        assert lora.bias is not None
+        target = self.resolve(f"{lora.module}.bias")
+        if target is None:
+            self.misfit.append(
+                f"{adapter.path}: {lora.bias.name}: {lora.module} has no bias in the base, so "
+                "PEFT cannot merge its lora_bias either (retrain without lora_bias on it)"
+            )
+            return
+        if self.shapes[target] != tuple(lora.bias.shape):
+            self.misfit.append(
+                f"{adapter.path}: {lora.bias.name} {list(lora.bias.shape)} does not fit "
+                f"{target} {list(self.shapes[target])}"
+            )
+            return
+        self.ops.setdefault(target, []).append(
+            TensorOp(adapter=index, kind="bias", b=lora.bias, coef=adapter.weight * lora.scale)
+        )
+
+    def _add_parameter_lora(self, index: int, adapter: AdapterFactors, lora: LoraFactors) -> None:
+        """A LoRA on a fused expert parameter: one op per expert tensor on disk, found with
+        transformers' conversion mapping for the base's model_type (:mod:`mergejob.experts`)."""
+        if self._fused is None:
+            self._fused = fused_parameters(self.model_type, self.shapes)
+        param = wrapper_target(adapter.config, lora.module, self._fused, lora.a.shape, lora.b.shape)
+        if param is None:
+            self.misfit.append(
+                f"{adapter.path}: {lora.a.name} {list(lora.a.shape)} and {lora.b.name} "
+                f"{list(lora.b.shape)}: target_parameters "
+                f"{list(adapter.config.get('target_parameters') or [])} name no fused expert "
+                f"parameter of {strip_base_layer(lora.module)} (transformers' conversion "
+                f"mapping for model_type {self.model_type!r}) that they fit"
+            )
+            return
+        for part in param.parts:
+            self.ops.setdefault(part.disk, []).append(
+                TensorOp(
+                    adapter=index,
+                    kind="lora",
+                    a=lora.a,
+                    b=lora.b,
+                    coef=adapter.weight * lora.scale,
+                    experts=param.experts,
+                    expert=part.expert,
+                    rows=part.rows,
                 )
             )
 
@@ -699,6 +799,8 @@ def _with_plan_id(plan: Plan) -> Plan:
                                 _ref_id(op.a, ids),
                                 _ref_id(op.b, ids),
                                 _ref_id(op.magnitude, ids),
+                                *([op.experts, op.expert, list(op.rows)] if op.experts else []),
+                                *([list(op.tokens)] if op.tokens else []),
                             ]
                             for op in t.ops
                         ],
