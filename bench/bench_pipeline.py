@@ -30,6 +30,9 @@ the three alone). Then once each:
   of HF cache + local output folder, sampled every 50 ms (target: at most 4 input shards +
   4 output shards).
 
+With ``--one-download-worker``, each run also times ``hub_to_hub`` with
+``--download-workers 1`` (a diagnostic: the first input shard then has the whole link).
+
 The load average is recorded at the start and end of each measurement; the Hub-to-Hub
 output's shards are checked to be byte-identical (sha256) to the local merge's.
 """

@@ -182,3 +182,25 @@ def wrapper_target(
                 fitting.append(param)
     unique = {p.name: p for p in fitting}
     return next(iter(unique.values())) if len(unique) == 1 else None
+
+
+def renamed_tensors(model_type: str | None, names: Sequence[str]) -> dict[str, str]:
+    """Run-time name -> disk name for the tensors transformers only renames when it loads
+    (``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight`` for Mixtral): those whose name
+    its renamings change and no converter takes. Empty without a mapping."""
+    if not model_type or not any(True for _ in names):
+        return {}
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    mapping = get_checkpoint_conversion_mapping(model_type)
+    if not mapping:
+        return {}
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
+    found: dict[str, str] = {}
+    for disk in names:
+        runtime, pattern = rename_source_key(disk, renamings, converters)
+        if pattern is None and runtime != disk:
+            found[runtime] = disk
+    return found

@@ -37,6 +37,7 @@ import torch
 from mergejob import settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, ModelError
+from mergejob.experts import fused_parameters, wrapper_target
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import read_tensors
 
@@ -72,6 +73,11 @@ class AdapterWeights:
     name: str
     weight: float
     modules: dict[str, ModuleDelta]
+    # Parameter LoRA on fused MoE experts, by expert tensor on disk: (the wrapper's delta,
+    # experts, this tensor's expert, its rows in the fused matrix): see add_expert_parts.
+    experts: dict[str, list[tuple[ModuleDelta, int, int, tuple[int, int]]]] = field(
+        default_factory=dict
+    )
 
     @property
     def uses_dora(self) -> bool:
@@ -181,6 +187,13 @@ def expected_tensor(
     scale = value.abs() if value is not None else None
     touched = False
     for adapter in adapters:
+        for part in adapter.experts.get(name, ()):
+            if value is None:
+                raise ModelError(f"{name}: not in the base checkpoint")
+            before = value.abs()
+            value = value + _expert_update(*part, adapter.weight)
+            scale = torch.maximum(before if scale is None else scale, value.abs())
+            touched = True
         delta = adapter.modules.get(module)
         if delta is None:
             continue
@@ -203,6 +216,42 @@ def expected_tensor(
     if not touched or value is None or scale is None:
         return None
     return Expected(value=value, scale=scale)
+
+
+def _expert_update(
+    delta: ModuleDelta, experts: int, expert: int, rows: tuple[int, int], w: float
+) -> torch.Tensor:
+    """PEFT's ParamWrapper delta of one expert (A is ``(r * experts, in)``, B is
+    ``(out, r * experts)``), rows ``rows`` of it: the part one tensor on disk holds."""
+    assert delta.lora_a is not None and delta.lora_b is not None
+    rank = delta.lora_a.shape[0] // experts
+    a = delta.lora_a.view(experts, rank, -1)[expert]
+    b = delta.lora_b.view(delta.lora_b.shape[0], rank, experts)[:, :, expert]
+    return (b[rows[0] : rows[1]] @ a) * (w * delta.scale)
+
+
+def add_expert_parts(
+    adapter: AdapterWeights, adapter_dir: Path, base_dir: Path, base_index: CheckpointIndex
+) -> None:
+    """Map the adapter's parameter LoRAs (``target_parameters``) to the expert tensors on
+    disk, with transformers' conversion mapping for the base's model_type
+    (:mod:`mergejob.experts`), so that those tensors are checked like any merged tensor."""
+    config = read_adapter_config(adapter_dir)
+    if not config.get("target_parameters"):
+        return
+    model_type = json.loads((base_dir / settings.CONFIG_FILE).read_text()).get("model_type")
+    fused = fused_parameters(model_type, {n: t.shape for n, t in base_index.tensors.items()})
+    for module, delta in adapter.modules.items():
+        if delta.lora_a is None or delta.lora_b is None or f"{module}.weight" in base_index.tensors:
+            continue
+        param = wrapper_target(
+            config, module, fused, list(delta.lora_a.shape), list(delta.lora_b.shape)
+        )
+        if param is None:
+            continue
+        for part in param.parts:
+            entry = (delta, param.experts, part.expert, part.rows)
+            adapter.experts.setdefault(part.disk, []).append(entry)
 
 
 def _apply_lora(weight: torch.Tensor, delta: ModuleDelta, w: float) -> torch.Tensor:
@@ -479,6 +528,8 @@ def verify_output(
     )
     out_index = CheckpointIndex.from_folder(out)
     base_index = CheckpointIndex.from_folder(base_dir)
+    for adapter, adapter_dir in zip(adapter_weights, adapter_dirs, strict=True):
+        add_expert_parts(adapter, Path(adapter_dir), Path(base_dir), base_index)
     report = VerifyReport(
         output_dir=out,
         tolerance_ulps=tolerance,
@@ -494,7 +545,7 @@ def verify_output(
         report.problems.append(f"the output lacks {len(missing)} base tensors, e.g. {missing[0]}")
     touched = {
         n for n in out_index.tensors if n.rpartition(".")[0] in _touched_modules(adapter_weights)
-    }
+    } | {n for a in adapter_weights for n in a.experts if n in out_index.tensors}
     names = sorted(out_index.tensors)
     chosen = names if all_tensors else choose_sample(names, touched, sample)
     log.info("verify: checking %d of %d tensors of %s", len(chosen), len(names), out)

@@ -257,3 +257,85 @@ def test_an_indexed_job_of_two_indices_writes_the_same_bytes(
     assert len(shards) > 2 and shards == sorted(p.name for p in out.glob("*.safetensors"))
     for name in [*shards, "model.safetensors.index.json", "config.json"]:
         assert filecmp.cmp(single / name, out / name, shallow=False), name
+
+
+@pytest.mark.parametrize("engine", ["stream", "peft"])
+def test_verify_recomputes_the_expert_tensors(engine: str, models: Any, tmp_path: Path) -> None:
+    """verify maps the adapter's expert LoRA to the tensors on disk as the plan does and
+    checks them as merged tensors (it once took them for untouched ones and failed)."""
+    from mergejob.verify import verify_output
+
+    base = _base(models, "mixtral")
+    adapters = [_experts_adapter(models, base, "mixtral"), _plain_adapter(models, base)]
+    out = _merge(base, adapters, tmp_path / "out", engine)
+    report = verify_output(out, all_tensors=True)
+    assert report.ok, report.summary()
+    merged = {c.name for c in report.checks if c.kind == "merged"}
+    assert set(_expert_tensors(load_folder(base))) <= merged
+
+
+def test_plan_shows_experts_per_layer_and_the_expert_tensors_each_adapter_changes(
+    models: Any, run_cli: Any
+) -> None:
+    base = _base(models, "olmoe")
+    adapters = [_experts_adapter(models, base, "olmoe"), _plain_adapter(models, base)]
+    code, out, err = run_cli("plan", "--json", "--base", base, "--adapters", *adapters)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"], report["problems"]
+    # 2 layers of 4 experts; gate, up and down of each expert changed by the first adapter.
+    assert report["experts"] == {"layers": 2, "experts": 4, "changed": [2 * 4 * 3, 0]}
+    assert {"gate_up_proj", "down_proj", "q_proj"} <= set(report["adapters"][0]["targets"])
+    code, text, _ = run_cli("plan", "--base", base, "--adapters", *adapters)
+    assert "experts: 2 MoE layers of 4 experts each" in text
+    assert "adapter 0 changes 24 expert tensors" in text
+
+
+def test_router_lora_on_a_tensor_transformers_renames_merges_in_both_engines(
+    models: Any, tmp_path: Path
+) -> None:
+    """Mixtral's router is ``mlp.gate.weight`` at run time and ``block_sparse_moe.gate.weight``
+    on disk (a renaming of transformers' conversion mapping, no per-family rule here): a
+    parameter LoRA on it lands on the disk tensor, in both engines, as PEFT merges it."""
+    base = _base(models, "mixtral")
+    adapter = models.adapter(
+        base,
+        target_modules=["q_proj"],
+        target_parameters=[*EXPERT_PARAMETERS, "mlp.gate.weight"],
+        seed=27,
+    )
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    before = load_folder(base)
+    for engine, dtype in (("peft", torch.bfloat16), ("stream", torch.float32)):
+        got = load_folder(_merge(base, [adapter], tmp_path / engine, engine))
+        oracle = peft_merge_saved(base, [adapter], dtype, tmp_path / f"oracle-{engine}")
+        assert not bitwise_equal(got[router], before[router]), engine
+        for name, tensor in got.items():
+            expected = oracle[name].to(tensor.dtype)
+            assert int(steps_apart(tensor, expected).max()) <= (engine == "stream"), name
+
+
+def test_expert_factors_are_read_once_per_layer_not_once_per_expert_tensor(
+    models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every expert tensor of a layer reads the same A and B (all experts' ranks): the
+    engine keeps the last few across tensors instead of reading them for each expert (for
+    128 experts, 384 reads of the layer's factors)."""
+    from collections import Counter
+
+    from mergejob.io.reader import FileReader
+
+    base = _base(models, "qwen3_moe")
+    adapter = _experts_adapter(models, base, "qwen3_moe")
+    reads: Counter[str] = Counter()
+    original = FileReader.tensor
+
+    def counting(self: FileReader, ref: Any) -> Any:
+        reads[ref.name] += 1
+        return original(self, ref)
+
+    monkeypatch.setattr(FileReader, "tensor", counting)
+    _merge(base, [adapter], tmp_path / "out", "stream")
+    experts = {name: n for name, n in reads.items() if ".mlp.experts." in name}
+    assert len(experts) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
+    assert set(experts.values()) == {1}, experts

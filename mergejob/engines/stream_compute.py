@@ -52,6 +52,8 @@ from mergejob.plan.work import OutputTensor, TensorOp
 # block is summed as in the whole product (checked on thousands of shapes; see the tests).
 MIN_BLOCK = 64
 RING_SLOTS = 4  # buffers between computing and writing, besides one per lane
+# Expert LoRA factors kept across tensors: A and B of gate_up and of down, twice over.
+EXPERT_FACTORS_KEPT = 0
 NOTHING_WRITTEN = "; nothing was written"
 
 
@@ -107,6 +109,12 @@ class TensorComputer:
         self.ring = BufferRing(RING_SLOTS + self.lanes)
         self._buffers: dict[str, torch.Tensor] = {}
         self._factors: dict[tuple[str, int], torch.Tensor] = {}
+        # Factors of expert LoRAs, kept across tensors: every expert tensor of a MoE layer
+        # reads the same A and B (all experts' ranks), and reading them again for each of
+        # hundreds of experts would cost far more than the merge. Most recent last.
+        self._expert_keys: collections.OrderedDict[tuple[str, int], None] = (
+            collections.OrderedDict()
+        )
         self._pool: ThreadPoolExecutor | None = None
         if self.lanes > 1:
             self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="mergejob-lane")
@@ -171,7 +179,21 @@ class TensorComputer:
             else:
                 yield from self._merge(tensor)
         finally:
-            self._factors.clear()
+            self._keep_expert_factors(tensor)
+
+    def _keep_expert_factors(self, tensor: OutputTensor) -> None:
+        """Drop the factors of ``tensor`` once written, except the expert LoRAs' last few
+        (the next expert tensors of the layer read them again); memory stays bounded."""
+        for op in tensor.ops:
+            for ref in (op.a, op.b) if op.experts else ():
+                if ref is not None:
+                    key = (ref.path, ref.offset)
+                    self._expert_keys[key] = None
+                    self._expert_keys.move_to_end(key)
+        while len(self._expert_keys) > EXPERT_FACTORS_KEPT:
+            self._expert_keys.popitem(last=False)
+        for key in [k for k in self._factors if k not in self._expert_keys]:
+            del self._factors[key]
 
     def _copy(self, tensor: OutputTensor) -> Iterator[Chunk]:
         source = tensor.source

@@ -25,7 +25,13 @@ from typing import Any
 from mergejob import model_config, settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import IncompatibleAdapterError, InputError, ModelError, SpecError, listing
-from mergejob.experts import FusedParameter, fused_parameters, strip_base_layer, wrapper_target
+from mergejob.experts import (
+    FusedParameter,
+    fused_parameters,
+    renamed_tensors,
+    strip_base_layer,
+    wrapper_target,
+)
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import TensorRef, read_tensors
 from mergejob.sources import looks_like_repo_id
@@ -192,7 +198,7 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     prefix = settings.PEFT_PREFIX
     problems: list[str] = []
-    wrappers = _parameter_wrappers(base, config, read_tensors(weights))
+    wrappers, renamed = _parameter_wrappers(base, config, read_tensors(weights))
     for key, ref in read_tensors(weights).items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
@@ -211,7 +217,7 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
                     f"parameter of the base's {strip_base_layer(module)} that its LoRA factors fit"
                 )
             continue
-        target = base.tensors.get(f"{module}.weight")
+        target = base.tensors.get(renamed.get(f"{module}.weight", f"{module}.weight"))
         if target is None and module.split(".")[-1] in {"lm_head", "embed_out"}:
             # A tied model stores only the input embeddings; the head shares them.
             target = next(
@@ -241,30 +247,34 @@ def check_lora_shapes(base: CheckpointIndex, adapter_dir: Path) -> None:
 
 def _parameter_wrappers(
     base: CheckpointIndex, config: dict[str, Any], refs: dict[str, TensorRef]
-) -> dict[str, FusedParameter | None]:
+) -> tuple[dict[str, FusedParameter | None], dict[str, str]]:
     """The adapter's parameter LoRAs (``target_parameters``, PEFT's ParamWrapper), by module:
     the fused run-time parameter of the base each one fits (transformers' conversion mapping
-    for the base's ``model_type``), or None where none fits. Modules whose ``weight`` the
-    base holds are plain LoRA modules and not listed."""
+    for the base's ``model_type``), or None where none fits; and the run-time -> disk names
+    of the tensors that mapping only renames. Modules whose ``weight`` the base holds (under
+    its own or a renamed name) are plain LoRA modules and not listed."""
     if not config.get("target_parameters"):
-        return {}
+        return {}, {}
+    try:
+        model_type = model_config.read_config(base.folder).get("model_type")
+    except InputError:
+        model_type = None  # no config to read: names as they are, as without a mapping
+    renamed = renamed_tensors(model_type, list(base.tensors))
     shapes: dict[str, dict[str, list[int]]] = {}
     for key, ref in refs.items():
         for part in ("lora_A", "lora_B"):
             if f".{part}.weight" in key or key.endswith(f".{part}"):
                 module = key.split(".lora_", 1)[0].removeprefix(settings.PEFT_PREFIX)
-                if f"{module}.weight" not in base.tensors:
+                weight = f"{module}.weight"
+                if weight not in base.tensors and weight not in renamed:
                     shapes.setdefault(module, {})[part] = list(ref.shape)
     if not shapes:
-        return {}
-    try:
-        model_type = model_config.read_config(base.folder).get("model_type")
-    except InputError:
-        model_type = None  # no config to read: names as they are, as without a mapping
+        return {}, renamed
     fused = fused_parameters(model_type, {n: t.shape for n, t in base.tensors.items()})
-    return {
+    wrappers = {
         module: wrapper_target(
             config, module, fused, found.get("lora_A", []), found.get("lora_B", [])
         )
         for module, found in shapes.items()
     }
+    return wrappers, renamed

@@ -124,6 +124,9 @@ class PlanReport:
     largest_input_shard_bytes: int = 0
     index_downloads: list[int] = field(default_factory=list)
     strict: bool = False
+    # A MoE base (transformers fuses its experts at run time): {"layers", "experts"
+    # (per layer), "changed": expert tensors on disk each adapter changes}; empty: not MoE.
+    experts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -158,6 +161,15 @@ class PlanReport:
             "",
             f"changes: {len(self.changed_tensors)} of {self.tensors_total} base tensors",
         ]
+        if self.experts:
+            changed = ", ".join(
+                f"adapter {i} changes {n} expert tensors"
+                for i, n in enumerate(self.experts["changed"])
+            )
+            lines.append(
+                f"experts: {self.experts['layers']} MoE layers of {self.experts['experts']} "
+                f"experts each (one tensor per expert on disk){f'; {changed}' if changed else ''}"
+            )
         if self.config:
             lines.append(f"config.json: {json.dumps(self.config, sort_keys=True)}")
         lines += [
@@ -455,7 +467,14 @@ def _fill(
         summary.ranks = sorted({lora.r for lora in factors.loras})
         summary.alphas = sorted({float(lora.alpha) for lora in factors.loras})
         summary.scales = sorted({float(lora.scale) for lora in factors.loras})
-        summary.targets = sorted({lora.module.rsplit(".", 1)[-1] for lora in factors.loras})
+        summary.targets = sorted(
+            {lora.module.rsplit(".", 1)[-1] for lora in factors.loras if not lora.parameter}
+            | {
+                str(t).rsplit(".", 1)[-1]
+                for t in (factors.config.get("target_parameters") or [])
+                if any(lora.parameter for lora in factors.loras)
+            }
+        )
         summary.full_tensors = {f.target: f.role for f in factors.full}
         usable_index.setdefault(adapter_dir, position)
         usable.append((adapter_dir, adapter.weight))
@@ -515,7 +534,32 @@ def _fill(
     report.largest_shard_bytes = plan.largest_shard_bytes
     report.config = dict(plan.config_updates)
     report.notices += _plan_notices(plan, [f"adapter {i}" for i in range(len(usable))])
+    report.experts = _experts_summary(plan, index, model_type, len(usable))
     return plan
+
+
+def _experts_summary(
+    plan: Plan, index: CheckpointIndex, model_type: str | None, adapters: int
+) -> dict[str, Any]:
+    """MoE layers and experts per layer (transformers' conversion mapping of the base's
+    model_type) and how many expert tensors each adapter changes; empty for other bases."""
+    from mergejob.experts import fused_parameters
+
+    if not any(".experts." in name for name in index.tensors):
+        return {}  # no expert tensors: spares importing transformers for its mapping
+    fused = fused_parameters(model_type, {n: t.shape for n, t in index.tensors.items()})
+    if not fused:
+        return {}
+    layers = {name.rpartition(".")[0]: param.experts for name, param in fused.items()}
+    changed = [0] * adapters
+    for tensor in plan.tensors:
+        for i in {op.adapter for op in tensor.ops if op.experts}:
+            changed[i] += 1
+    return {
+        "layers": len(layers),
+        "experts": max(layers.values()),
+        "changed": changed,
+    }
 
 
 def _plan_notices(plan: Plan, names: list[str]) -> list[str]:

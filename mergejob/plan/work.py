@@ -34,7 +34,13 @@ from typing import Any, Literal
 from mergejob import settings
 from mergejob.adapters import AdapterFactors, IgnoredTensor, LoraFactors, TokenRows, read_adapter
 from mergejob.errors import IncompatibleAdapterError, ModelError, UnsupportedAdapterError
-from mergejob.experts import FusedParameter, fused_parameters, strip_base_layer, wrapper_target
+from mergejob.experts import (
+    FusedParameter,
+    fused_parameters,
+    renamed_tensors,
+    strip_base_layer,
+    wrapper_target,
+)
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import DTYPE_SIZES, FLOAT_DTYPES, TensorRef
 from mergejob.io.shards import pack_shards, shard_file_names
@@ -340,6 +346,7 @@ class _PlanBuilder:
         self.layout = layout
         self.model_type = model_type
         self._fused: dict[str, FusedParameter] | None = None
+        self._renamed: dict[str, str] | None = None
         self.ops: dict[str, list[TensorOp]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {n: r.shape for n, r in base.items()}
         if layout.output is not None and layout.input is not None and layout.tied:
@@ -356,6 +363,13 @@ class _PlanBuilder:
             return name
         if name in self.base:
             return name
+        if self.model_type:
+            if self._renamed is None:
+                # Run-time names of the tensors transformers renames on load (its conversion
+                # mapping for the base's model_type); read once, when a name is not on disk.
+                self._renamed = renamed_tensors(self.model_type, list(self.base))
+            if name in self._renamed:
+                return self._renamed[name]
         prefix = layout.prefix
         if prefix:
             if name.startswith(f"{prefix}.") and name[len(prefix) + 1 :] in self.base:
