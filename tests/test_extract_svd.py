@@ -23,7 +23,7 @@ from mergejob.extraction.svd import (
     uses_randomized,
 )
 
-M, N = 384, 1024
+M, N = 1024, 2048
 
 
 def with_spectrum(values: list[float], seed: int = 0) -> torch.Tensor:
@@ -65,15 +65,26 @@ def measured(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(SPECTRA))
 def test_the_randomized_svd_stays_within_1e_4_of_the_optimum(name: str) -> None:
     delta = matrix(name)
-    assert uses_randomized((M, N), 32, "auto") is False  # small: auto takes the full SVD
     dec = decompose(delta, rank=32, method="randomized", seed=1)
-    assert dec.method == "randomized" and not dec.complete
+    if name == "cluster":
+        # A spectrum that never settles within half the matrix: the full SVD, exact.
+        assert dec.method == "exact" and dec.complete
+    else:
+        assert dec.method == "randomized" and not dec.complete
     for rank in (1, 8, 31, 32):
         b, a = factors(dec, rank)
         error = measured(delta, b, a)
         assert error - optimum(delta, rank) < 1e-4, (name, rank, dec.iterations)
         # What the report calls the kept fraction is what the factors keep.
         assert abs((1 - dec.kept_fraction(rank)) - error**2) < 1e-5
+
+
+def test_auto_takes_the_full_svd_for_small_modules_and_the_randomized_one_for_large() -> None:
+    assert not uses_randomized((384, 1024), 32, "auto")
+    assert uses_randomized((1024, 2048), 32, "auto")
+    assert uses_randomized((384, 1024), 32, "randomized")
+    assert not uses_randomized((8192, 28672), 32, "exact")
+    assert not uses_randomized((64, 128), 32, "randomized")  # two blocks pass half of it
 
 
 @pytest.mark.parametrize("name", ["power-0.5", "low-rank-and-noise"])

@@ -44,7 +44,7 @@ from mergejob.errors import AdapterError, DtypeRangeError, MergeFailedError
 from mergejob.io.headers import TensorRef
 from mergejob.io.reader import FileReader, byte_view
 from mergejob.io.values import narrower, range_message, rounding_limit
-from mergejob.plan.cost import CHUNK_BYTES, COPY_BYTES
+from mergejob.plan.cost import CHUNK_BYTES, COPY_BYTES, EXPERT_FACTORS_KEPT
 from mergejob.plan.work import OutputTensor, TensorOp
 
 # BLAS picks other kernels, which sum in another order, for very thin products: a block of
@@ -52,8 +52,6 @@ from mergejob.plan.work import OutputTensor, TensorOp
 # block is summed as in the whole product (checked on thousands of shapes; see the tests).
 MIN_BLOCK = 64
 RING_SLOTS = 4  # buffers between computing and writing, besides one per lane
-# Expert LoRA factors kept across tensors: A and B of gate_up and of down, twice over.
-EXPERT_FACTORS_KEPT = 0
 NOTHING_WRITTEN = "; nothing was written"
 
 

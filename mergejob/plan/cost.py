@@ -24,6 +24,9 @@ GB = 10**9
 # fp32 (cache-sized); unchanged tensors are copied COPY_BYTES at a time.
 CHUNK_BYTES = 2**20
 COPY_BYTES = 16 * 2**20
+# Expert LoRA factors the stream engine keeps across tensors (A and B of a layer's gate_up
+# and down, twice over): every expert tensor of a layer reads the same ones.
+EXPERT_FACTORS_KEPT = 8
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,19 @@ def stream_buffers(plan: Plan | None) -> int:
             if ref is not None
         )
         work = max(work, need + factors)
-    return copy + work
+    # Expert LoRAs' factors stay loaded across tensors (the engine keeps the last few).
+    expert_factors = sorted(
+        {
+            (ref.path, ref.offset): 4 * math.prod(ref.shape)
+            for tensor in plan.tensors
+            for op in tensor.ops
+            if op.experts
+            for ref in (op.a, op.b)
+            if ref is not None
+        }.values(),
+        reverse=True,
+    )[:EXPERT_FACTORS_KEPT]
+    return copy + work + sum(expert_factors)
 
 
 def stream_memory(plan: Plan | None, workers: int, device: str, out_bytes: int) -> MemoryEstimate:

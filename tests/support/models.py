@@ -10,7 +10,7 @@ merge an identity).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -346,6 +346,7 @@ def make_finetune(
     *,
     modules: Sequence[str] = ("q_proj", "v_proj", "o_proj", "down_proj"),
     rank: int = 4,
+    ranks: Mapping[str, int] | None = None,
     scale: float = 0.02,
     norms: bool = False,
     biases: bool = False,
@@ -357,7 +358,8 @@ def make_finetune(
 ) -> Path:
     """A "fine-tune" of the model in ``base_dir`` whose difference from it is known: every
     2-D weight of a module whose name ends with one of ``modules`` gets ``U @ V.T`` of rank
-    ``rank`` added (entries about ``scale``; for ``embed_tokens``/``lm_head`` too), then the
+    ``rank`` added (``ranks`` gives other ranks by module suffix; entries about ``scale``;
+    for ``embed_tokens``/``lm_head`` too), then the
     model is rounded to its dtype (``dtype``, default the base's) and saved with
     ``save_pretrained``. Rounding makes ΔW full rank (noise of half an ulp everywhere) unless
     ``rows_only``: the update then touches ``rank`` rows of each weight only, so the stored
@@ -380,12 +382,13 @@ def make_finetune(
             module, _, kind = name.rpartition(".")
             if kind == "weight" and param.dim() == 2 and module.endswith(tuple(modules)):
                 rows, cols = param.shape
-                u = torch.randn(rows, rank, generator=generator)
+                k = next((r for s, r in (ranks or {}).items() if module.endswith(s)), rank)
+                u = torch.randn(rows, k, generator=generator)
                 if rows_only:
-                    keep = torch.randperm(rows, generator=generator)[:rank]
+                    keep = torch.randperm(rows, generator=generator)[:k]
                     u = torch.zeros_like(u).index_copy_(0, keep, u[keep])
-                v = torch.randn(cols, rank, generator=generator)
-                param.add_(u @ v.T * (scale / rank**0.5))
+                v = torch.randn(cols, k, generator=generator)
+                param.add_(u @ v.T * (scale / k**0.5))
             elif norms and kind == "weight" and param.dim() == 1:
                 param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
             elif biases and kind == "bias":
