@@ -218,7 +218,6 @@ class ShardFetcher:
         self._window = threading.Semaphore(max(1, ahead)) if delete_after_use else None
         self._threads: list[threading.Thread] = []
         self._closed = threading.Event()
-        self._first_done = threading.Event()
         self.error: BaseException | None = None
         self.downloaded_bytes = 0
         self.downloaded_files = 0
@@ -313,12 +312,7 @@ class ShardFetcher:
     # -- the download threads
 
     def _run(self, worker: int) -> None:
-        if worker > 0:
-            # The first shard alone, at the link's full rate: the merge can start on it
-            # sooner than on four shards sharing the link (measured: bench_pipeline.py).
-            while not self._first_done.wait(0.2):
-                if self._closed.is_set():
-                    return
+        del worker  # the thread's number, for its name
         while not self._closed.is_set():
             name = self._order.get()
             if name is None:
@@ -346,7 +340,6 @@ class ShardFetcher:
                     self._window.release()
             finally:
                 entry.done.set()
-                self._first_done.set()
 
     def _download(self, name: str) -> Path:
         from huggingface_hub import hf_hub_download
