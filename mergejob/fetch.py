@@ -240,9 +240,7 @@ class ShardFetcher:
             )
         for i in range(min(self.workers, self._total)):
             self._order.put(None)  # one stop mark per thread, after the files
-            thread = threading.Thread(
-                target=self._run, args=(i,), name=f"mergejob-fetch-{i}", daemon=True
-            )
+            thread = threading.Thread(target=self._run, name=f"mergejob-fetch-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
@@ -311,8 +309,7 @@ class ShardFetcher:
 
     # -- the download threads
 
-    def _run(self, worker: int) -> None:
-        del worker  # the thread's number, for its name
+    def _run(self) -> None:
         while not self._closed.is_set():
             name = self._order.get()
             if name is None:
