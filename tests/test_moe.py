@@ -270,6 +270,8 @@ def test_verify_recomputes_the_expert_tensors(engine: str, models: Any, tmp_path
     out = _merge(base, adapters, tmp_path / "out", engine)
     report = verify_output(out, all_tensors=True)
     assert report.ok, report.summary()
+    # The output's logits against PEFT's (the base with the adapters applied, unmerged).
+    assert report.logits is not None and report.logits["ok"], report.logits
     merged = {c.name for c in report.checks if c.kind == "merged"}
     assert set(_expert_tensors(load_folder(base))) <= merged
 
@@ -339,3 +341,29 @@ def test_expert_factors_are_read_once_per_layer_not_once_per_expert_tensor(
     experts = {name: n for name, n in reads.items() if ".mlp.experts." in name}
     assert len(experts) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
     assert set(experts.values()) == {1}, experts
+
+
+@pytest.mark.parametrize("method", ["fp8", "mxfp4"])
+def test_a_quantized_expert_checkpoint_is_refused_by_both_engines_naming_the_config(
+    method: str, models: Any, tmp_path: Path
+) -> None:
+    """FP8 with block scales, MXFP4 experts: not merged yet; refused before any weight is
+    read, naming config.json's quantization_config and what to do (exit code 2)."""
+    import shutil
+
+    from mergejob.errors import ModelError
+
+    source = _base(models, "mixtral")
+    base = tmp_path / "quantized"
+    shutil.copytree(source, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "weight_block_size": [128, 128]}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = _experts_adapter(models, source, "mixtral")
+    for engine in ("stream", "peft"):
+        with pytest.raises(ModelError) as error:
+            _merge(base, [adapter], tmp_path / engine, engine)
+        message = str(error.value)
+        assert "config.json: quantization_config" in message and method in message, engine
+        assert "dequantize" in message and error.value.exit_code == 2
+        assert not (tmp_path / engine).exists()

@@ -92,6 +92,8 @@ def check_job(
     if checked.index is None:
         return checked
     with problems.check():
+        check_not_quantized(base_dir)
+    with problems.check():
         checked.output_dtype = output_dtype(spec, checked.index, base_dir)
     if spec.engine.name != "stream":
         for adapter_dir in adapter_dirs:
@@ -102,6 +104,23 @@ def check_job(
             spec, base_dir, adapter_dirs, config_from_dir, config_from_name=config_from_name
         )
     return checked
+
+
+def check_not_quantized(base_dir: Path) -> None:
+    """Refuse a quantized base (``quantization_config`` in its config: FP8 with block scales,
+    MXFP4 experts, bitsandbytes, ...): both engines merge into float weights, and writing
+    such a merge back in the quantized format is not supported yet."""
+    quantization = model_config.read_config(base_dir).get("quantization_config")
+    if not quantization:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    raise ModelError(
+        f"{base_dir}/{settings.CONFIG_FILE}: quantization_config (quant_method "
+        f"{method or '?'}): the base is quantized, and mergejob merges into float weights "
+        "only; dequantize it and save it in bfloat16 first (transformers: from_pretrained "
+        "with dequantize=True in its quantization config, then save_pretrained), then merge "
+        "into that"
+    )
 
 
 def input_folders(spec: MergeSpec) -> list[tuple[str, Path]]:
