@@ -136,10 +136,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     for model in args.models:
         base, tuned = work / model / "base", work / model / "tuned"
-        outs = {
-            name: work / model / f"out-{name}" for name in ("mergejob", "mergejob-fp16", "mergekit")
-        }
+        names = ("mergejob", "mergejob-fp16", "mergejob-exact-fp16", "mergekit")
+        outs = {name: work / model / f"out-{name}" for name in names}
         common = ["--max-rank", str(args.rank), "--embed-lora"]
+        for pattern in args.include or []:  # the same modules for both tools
+            common += ["--include", pattern]
         extract = [
             python,
             "-m",
@@ -155,11 +156,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             "mergejob-fp16": [
                 *extract, "--output_dir", str(outs["mergejob-fp16"]), *common, "--dtype", "float16",
             ],
+            "mergejob-exact-fp16": [
+                *extract, "--output_dir", str(outs["mergejob-exact-fp16"]), *common,
+                "--dtype", "float16", "--exact-svd",
+            ],
         }  # fmt: skip
         if mergekit is not None and model in args.mergekit_models:
             configs["mergekit"] = [
                 str(mergekit), "--model", str(tuned), "--base-model", str(base),
-                "--out-path", str(outs["mergekit"]), *common, "--no-lazy-unpickle",
+                "--out-path", str(outs["mergekit"]), "--no-lazy-unpickle",
+                *[c.replace("--include", "--include-regex") for c in common],
             ]  # fmt: skip
         chosen = [c for c in args.configs if c in configs]
         warm(work / model)
@@ -177,17 +183,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"load {measured['load']:.1f}",
                     flush=True,
                 )
-        errors = {
-            name: module_errors(base, tuned, outs[name])
-            for name in ("mergejob-fp16", "mergekit", "mergejob")
-            if name in chosen
-        }
+        errors = {name: module_errors(base, tuned, outs[name]) for name in names if name in chosen}
         comparison: dict[str, Any] = {}
-        if "mergekit" in errors and "mergejob-fp16" in errors:
-            ours, theirs = errors["mergejob-fp16"], errors["mergekit"]
+        for mine in ("mergejob-fp16", "mergejob-exact-fp16"):
+            if "mergekit" not in errors or mine not in errors:
+                continue
+            ours, theirs = errors[mine], errors["mergekit"]
             shared = sorted(set(ours) & set(theirs))
             diffs = [ours[m] - theirs[m] for m in shared]
-            comparison = {
+            comparison[mine] = {
                 "modules_compared": len(shared),
                 "modules_only_mergejob": sorted(set(ours) - set(theirs)),
                 "modules_only_mergekit": sorted(set(theirs) - set(ours)),
@@ -196,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "mean_error_mergejob": statistics.mean(ours[m] for m in shared),
                 "mean_error_mergekit": statistics.mean(theirs[m] for m in shared),
             }
-            print(f"{model} errors (fp16 factors, rank {args.rank}): {comparison}", flush=True)
+            print(f"{model} {mine} vs mergekit (rank {args.rank}): {comparison[mine]}", flush=True)
         total = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         results[model] = {
             "model": {"base_gb": total / 1e9},
@@ -244,9 +248,16 @@ def main() -> int:
     run.add_argument("--dir", required=True)
     run.add_argument("--models", nargs="+", default=list(MODELS))
     run.add_argument("--mergekit-models", nargs="+", default=list(MODELS))
-    run.add_argument("--configs", nargs="+", default=["mergejob", "mergejob-fp16", "mergekit"])
+    run.add_argument(
+        "--configs",
+        nargs="+",
+        default=["mergejob", "mergejob-fp16", "mergejob-exact-fp16", "mergekit"],
+    )
     run.add_argument("--rank", type=int, default=32)
     run.add_argument("--runs", type=int, default=1)
+    run.add_argument(
+        "--include", action="append", metavar="REGEX", help="only these modules (both tools)"
+    )
     run.add_argument("--json", help="also write the results here")
     run.set_defaults(func=cmd_run)
     args = parser.parse_args()

@@ -114,9 +114,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     rank.add_argument("--exact-svd", "--exact_svd", dest="svd", action="store_const",
                       const="exact", help="always the full SVD (same as --svd exact)")  # fmt: skip
     which = parser.add_argument_group("which modules")
-    which.add_argument("--include", "--include-regexes", action="append", metavar="REGEX",
+    which.add_argument("--include", "--include-regex", action="append", metavar="REGEX",
                        help="only modules whose name matches (repeatable)")  # fmt: skip
-    which.add_argument("--exclude", "--exclude-regexes", action="append", metavar="REGEX",
+    which.add_argument("--exclude", "--exclude-regex", action="append", metavar="REGEX",
                        help="leave out modules whose name matches (repeatable)")  # fmt: skip
     which.add_argument(
         "--embeddings", choices=("full", "lora"),

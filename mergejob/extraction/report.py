@@ -28,7 +28,12 @@ from typing import Any
 
 from mergejob import settings
 from mergejob.extraction.plan import ExtractionPlan, ModuleWork, plan_extraction
-from mergejob.extraction.svd import OVERSAMPLE_MIN, uses_randomized
+from mergejob.extraction.svd import (
+    BLOCK_ELEMENTS,
+    MAX_KRYLOV_BLOCKS,
+    OVERSAMPLE_MIN,
+    uses_randomized,
+)
 from mergejob.extraction.writer import factor_bytes
 from mergejob.io.header_view import header_view
 from mergejob.io.headers import file_size, hub_headers
@@ -119,10 +124,11 @@ class ExtractThroughput:
 
     startup_s: float = 8.0  # imports (torch, transformers, peft)
     read_bps: float = 0.4 * GB  # both checkpoints read with pread, fp32 ΔW formed
-    cpu_flops: float = 40e9  # fp32 GEMM, the randomized method's products
+    cpu_flops: float = 60e9  # fp32 GEMM, the Krylov products (fitted: 1.1B and 2.1B runs)
     svd_flops: float = 1.5e9  # LAPACK's full SVD (gesdd), counted as 4m²n + 8m³
     gpu_flops: float = 20e12
-    power_iterations: int = 8  # typical for fine-tuning deltas (at most 24)
+    krylov_blocks: int = 10  # typical for fine-tuning deltas (at most 16)
+    base_rss: int = 450 * 10**6  # python, torch, transformers and peft imported
 
 
 THROUGHPUT = ExtractThroughput()
@@ -248,28 +254,29 @@ def _method(module: ModuleWork, plan: ExtractionPlan) -> str:
 
 
 def _svd_cost(module: ModuleWork, plan: ExtractionPlan, throughput: ExtractThroughput) -> float:
-    """fp32 operations of one module's decomposition, weighted to CPU seconds x flops."""
+    """CPU seconds of one module's decomposition (fp32 products, or LAPACK's full SVD)."""
     m, n = min(module.shape), max(module.shape)
     rank = plan.settings.max_rank
     if uses_randomized((m, n), rank, plan.settings.svd):
-        width = rank + max(rank, OVERSAMPLE_MIN)
-        products = 2 * (throughput.power_iterations + 1) + 2  # + the residual's B @ A
+        width = rank + max(rank // 2, OVERSAMPLE_MIN)
+        products = 2 * throughput.krylov_blocks + 1  # + the residual's B @ A
         return products * 2.0 * m * n * width / throughput.cpu_flops
     return (4.0 * m * m * n + 8.0 * m**3) / throughput.svd_flops
 
 
 def module_memory(module: ModuleWork, plan: ExtractionPlan) -> int:
     """Peak bytes for one module: its fp32 ΔW, the read buffers, and the decomposition's
-    work space (the full SVD's U and Vᵀ and LAPACK's copy, or the randomized sketch)."""
+    work space (the full SVD's U and Vᵀ and LAPACK's copy, or the Krylov basis)."""
     if module.kind == "full":
         return sum(plan.base[n].nbytes + plan.tuned[n].nbytes for n in module.tensors)
     m, n = min(module.shape), max(module.shape)
     delta = 4 * m * n
-    buffers = min(2 * 64 * 2**20, delta)  # the row blocks ΔW is formed through
+    buffers = min(2 * 64 * 2**20, delta) + 3 * 4 * BLOCK_ELEMENTS  # reads; norm blocks
     rank = plan.settings.max_rank
     if uses_randomized((m, n), rank, plan.settings.svd):
-        width = rank + max(rank, OVERSAMPLE_MIN)
-        work = 4 * (m + n) * width * 4
+        width = rank + max(rank // 2, OVERSAMPLE_MIN)
+        cols = width * max(1, min(m // 2 // width, MAX_KRYLOV_BLOCKS))
+        work = (8 + 4) * n * cols + (4 + 8) * m * cols  # Q (fp64), U; Z, Z in fp64
     else:
         work = 4 * (m * m + m * n) + delta  # U, Vᵀ (reduced) and gesdd's copy of ΔW
     return delta + buffers + work
@@ -329,7 +336,9 @@ def plan_report_for(
     report.read_bytes = plan.input_bytes
     seconds += report.read_bytes / throughput.read_bps
     report.seconds = seconds
-    report.memory_bytes = max((module_memory(m, plan) for m in plan.modules), default=0)
+    report.memory_bytes = throughput.base_rss + max(
+        (module_memory(m, plan) for m in plan.modules), default=0
+    )
     if device.startswith(("cuda", "auto")):
         report.gpu_bytes = report.memory_bytes
     # The parts and the assembled adapter are both on disk before the parts go.

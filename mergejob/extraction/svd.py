@@ -42,6 +42,8 @@ MAX_KRYLOV_BLOCKS = 16
 # The randomized method stops when one more block captures less than this fraction of
 # ‖ΔW‖² (or 2e-6 x the error left; its error then sits within 1e-4 of the optimum).
 ENERGY_TOLERANCE = 1e-9
+# Norms and residuals go through blocks of about this many elements (16 MB of fp32).
+BLOCK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -120,9 +122,14 @@ def decompose(
     return Decomposition(u=u, s=s, vh=vh, total=total, method="exact", complete=True)
 
 
-def squared_norm(matrix: torch.Tensor, *, block_rows: int = 4096) -> float:
+def _rows_per_block(matrix: torch.Tensor) -> int:
+    return max(1, BLOCK_ELEMENTS // max(1, int(matrix.shape[1])))
+
+
+def squared_norm(matrix: torch.Tensor) -> float:
     """‖matrix‖_F² summed in fp64 a block of rows at a time (no fp64 copy of a module)."""
     total = 0.0
+    block_rows = _rows_per_block(matrix)
     for start in range(0, matrix.shape[0], block_rows):
         block = matrix[start : start + block_rows]
         total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
@@ -247,16 +254,15 @@ def factors(
     return (u * s).contiguous(), vh.contiguous()
 
 
-def residual(
-    delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, *, block_rows: int = 4096
-) -> tuple[float, float]:
+def residual(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
     """``(‖ΔW - B A‖_F², ‖ΔW‖_F²)`` in fp64, with the factors as given (their stored dtype
     counts), a block of rows at a time so no second module-sized matrix is held."""
     bf, af = b.float(), a.float()
     err = 0.0
     norm = 0.0
+    block_rows = _rows_per_block(delta)
     for start in range(0, delta.shape[0], block_rows):
         rows = delta[start : start + block_rows]
-        err += squared_norm(rows - bf[start : start + block_rows] @ af, block_rows=block_rows)
-        norm += squared_norm(rows, block_rows=block_rows)
+        err += squared_norm(rows - bf[start : start + block_rows] @ af)
+        norm += squared_norm(rows)
     return err, norm
