@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stream import ROOT, machine, measure, warm
+from bench_stream import ROOT, machine, measure, warm, write_sharded
 
 SHAPE = {
     "hidden_size": 1024,
@@ -78,7 +78,6 @@ def tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
 
 def make_base(dest: Path) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -86,33 +85,7 @@ def make_base(dest: Path) -> None:
     config.architectures = ["Qwen3MoeForCausalLM"]
     config.dtype = "bfloat16"
     config.save_pretrained(str(dest))
-    generator = torch.Generator().manual_seed(0)
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    filled = 0
-    for name, shape in tensor_shapes():
-        size = 2 * int(torch.Size(shape).numel())
-        if groups[-1] and filled + size > SHARD_BYTES:
-            groups.append([])
-            filled = 0
-        groups[-1].append((name, shape))
-        filled += size
-    weight_map = {}
-    total = 0
-    for k, group in enumerate(groups, start=1):
-        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for name, shape in group:
-            if len(shape) == 1:
-                tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                t = torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02
-                tensors[name] = t.to(torch.bfloat16)
-            weight_map[name] = file
-            total += tensors[name].numel() * 2
-        save_file(tensors, str(dest / file), metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_sharded(dest, tensor_shapes(), torch.bfloat16, SHARD_BYTES)
 
 
 def make_adapter(dest: Path, base: Path) -> None:

@@ -40,7 +40,6 @@ output's shards are checked to be byte-identical (sha256) to the local merge's.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -236,17 +235,6 @@ def measure(
     return row
 
 
-def sha256s(folder: Path) -> dict[str, str]:
-    digests = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(16 * 2**20):
-                digest.update(block)
-        digests[path.name] = digest.hexdigest()
-    return digests
-
-
 def seed(work: Path, template: Path) -> None:
     """The server's data folder with the base and adapter published (once; reused)."""
     os.environ["HF_HUB_DISABLE_XET"] = "1"  # the test Hub speaks LFS; before the import
@@ -357,7 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             logs / f"merge-{run}.log",
         )
         if not reference:
-            reference = sha256s(merged)
+            reference = bench_stream.shard_digests(merged)
 
         row["upload"], server = on_hub("upload", run, upload)
         row["upload"].pop("_sent")

@@ -82,7 +82,6 @@ def linear_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
 
 def make_base(dest: Path, layers: int, shard_bytes: int) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -98,13 +97,23 @@ def make_base(dest: Path, layers: int, shard_bytes: int) -> None:
     config.architectures = ["LlamaForCausalLM"]
     config.dtype = "float16"
     config.save_pretrained(str(dest))
+    write_sharded(dest, linear_shapes(layers), torch.float16, shard_bytes)
+
+
+def write_sharded(
+    dest: Path, shapes: list[tuple[str, tuple[int, ...]]], dtype: Any, shard_bytes: int
+) -> None:
+    """Random weights (0.02 * N(0, 1), norms 1) of ``shapes`` in ``dtype``, packed in order
+    into shards of at most ``shard_bytes``, with the safetensors index."""
+    import torch
+    from safetensors.torch import save_file
+
+    size_of = torch.empty((), dtype=dtype).element_size()
     generator = torch.Generator().manual_seed(0)
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     filled = 0
-    for name, shape in linear_shapes(layers):
-        size = 2
-        for d in shape:
-            size *= d
+    for name, shape in shapes:
+        size = size_of * int(torch.Size(shape).numel())
         if groups[-1] and filled + size > shard_bytes:
             groups.append([])
             filled = 0
@@ -117,12 +126,12 @@ def make_base(dest: Path, layers: int, shard_bytes: int) -> None:
         tensors = {}
         for name, shape in group:
             if len(shape) == 1:
-                tensors[name] = torch.ones(shape, dtype=torch.float16)
+                tensors[name] = torch.ones(shape, dtype=dtype)
             else:
                 t = torch.randn(shape, generator=generator, dtype=torch.float32) * 0.02
-                tensors[name] = t.to(torch.float16)
+                tensors[name] = t.to(dtype)
             weight_map[name] = file
-            total += tensors[name].numel() * 2
+            total += tensors[name].numel() * size_of
         save_file(tensors, str(dest / file), metadata={"format": "pt"})
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

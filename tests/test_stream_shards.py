@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,25 @@ def test_records_round_trip_and_hold_only_for_their_file(tmp_path: Path) -> None
     shard.unlink()
     assert not record_holds(tmp_path, record, "plan-a")
     assert read_record(tmp_path, "missing.safetensors") is None
+
+
+def test_record_holds_hashes_a_file_once_and_sees_it_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergejob.io import shards
+
+    data = b"x" * 4096
+    (tmp_path / "a.safetensors").write_bytes(data)
+    record = shards.ShardRecord("a.safetensors", len(data), hashlib.sha256(data).hexdigest(), "p")
+    hashed: list[Path] = []
+    real = shards.sha256_of
+    monkeypatch.setattr(shards, "sha256_of", lambda p: hashed.append(p) or real(p))
+    assert shards.record_holds(tmp_path, record, "p")
+    assert shards.record_holds(tmp_path, record, "p")
+    assert len(hashed) == 1  # the second ask (the worker after the downloads) is answered
+    # Same size, other bytes: the file changed since, so it is hashed again and fails
+    # (after a clock tick: the kernel stamps files with a coarse clock, a few ms).
+    time.sleep(0.05)
+    (tmp_path / "a.safetensors").write_bytes(b"y" * 4096)
+    assert not shards.record_holds(tmp_path, record, "p")
+    assert len(hashed) == 2

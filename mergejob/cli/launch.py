@@ -13,6 +13,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from mergejob.cli.args import (
@@ -152,16 +154,21 @@ def objects_from_args(args: argparse.Namespace) -> JobObjects:
     return build_objects(*job_from_args(args))
 
 
-def _connect(args: argparse.Namespace) -> Cluster:
-    """The cluster the cluster flags name (the kubeconfig's, or in-cluster)."""
+@contextmanager
+def _connect(args: argparse.Namespace) -> Iterator[Cluster]:
+    """The cluster the cluster flags name (the kubeconfig's, or in-cluster), closed after."""
     from mergejob.launch.cluster import connect
 
-    return connect(
+    cluster = connect(
         kubeconfig=args.kubeconfig,
         context=args.context,
         namespace=args.namespace,
         as_user=args.as_user,
     )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,8 +190,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from mergejob.launch.jobs import submit, wait_for_job
 
     spec, options = job_from_args(args)  # a bad job fails before any cluster is asked
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         # The objects go where the launcher works: --namespace, else the context's.
         objects = build_objects(spec, options.model_copy(update={"namespace": cluster.namespace}))
         created = submit(cluster, objects, replace=args.replace, dry_run=args.dry_run)
@@ -218,8 +224,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         status = wait_for_job(cluster, name, timeout=remaining)
         return _finish(status)
-    finally:
-        cluster.close()
 
 
 def _submit_local(args: argparse.Namespace) -> int:
@@ -252,11 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``mergejob status NAME``."""
     from mergejob.launch.status import job_status
 
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         status = job_status(cluster, args.name, tail=args.tail)
-    finally:
-        cluster.close()
     if args.json:
         print(json.dumps(status.to_dict(), indent=2))
     else:
@@ -268,8 +269,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     """``mergejob logs NAME [-f]``."""
     from mergejob.launch.follow import stream_logs
 
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         sys.stdout.flush()
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         stream_logs(
@@ -282,8 +282,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
             notify=_notify,
             deadline=deadline,
         )
-    finally:
-        cluster.close()
     return EXIT_OK
 
 
@@ -291,11 +289,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
     """``mergejob wait NAME``: the exit code says how the job ended."""
     from mergejob.launch.jobs import wait_for_job
 
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         status = wait_for_job(cluster, args.name, timeout=args.timeout)
-    finally:
-        cluster.close()
     return _finish(status)
 
 
@@ -303,11 +298,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     """``mergejob cancel NAME``: delete the Job, its Pods and its ConfigMap."""
     from mergejob.launch.jobs import cancel
 
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         done = cancel(cluster, args.name, wait=args.wait)
-    finally:
-        cluster.close()
     parts = [f"job {cluster.namespace}/{done.job}"]
     if done.pods:
         parts.append(f"{len(done.pods)} pod(s) ({', '.join(done.pods)})")
@@ -320,11 +312,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``mergejob list``: NAME, PHASE, PODS (active/succeeded/failed), AGE, SPEC."""
     from mergejob.launch.jobs import list_jobs
 
-    cluster = _connect(args)
-    try:
+    with _connect(args) as cluster:
         rows = list_jobs(cluster, all_namespaces=args.all_namespaces)
-    finally:
-        cluster.close()
     header = ["NAME", "PHASE", "PODS(A/S/F)", "AGE", "SPEC"]
     table = [[r.name, r.phase, r.pods, r.age, r.spec_sha256] for r in rows]
     if args.all_namespaces:
