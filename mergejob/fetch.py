@@ -12,6 +12,10 @@ the cache once every output shard that reads it is finished, and at most ``ahead
 are on disk and not yet used: the disk holds a window of a few shards, not the model.
 A file that was in the cache before the job is never deleted.
 
+An extraction reads two Hub models: :class:`FetchQueue` downloads the files of several
+fetchers (one per repo) in one order, the order the extraction's groups read them, base and
+fine-tuned shards interleaved (:mod:`mergejob.extraction.inputs`).
+
 Example::
 
     fetcher = ShardFetcher("org/base", commit, ["model-00001-of-00002.safetensors", ...])
@@ -24,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -69,6 +74,11 @@ class StreamedBase:
     folder: str
     files: tuple[StreamedFile, ...]
     index: CheckpointIndex = field(compare=False, hash=False, repr=False)
+    # Each shard's header as the Hub holds it (file name -> header), for another plan
+    # made from them (an extraction's).
+    headers: dict[str, SafetensorsHeader] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def path(self, name: str) -> str:
         return str(Path(self.folder) / name)
@@ -139,7 +149,12 @@ def open_streamed_base(repo_id: str, commit: str, folder: Path, token: str | Non
         headers = dict(zip([f.name for f in files], pool.map(header, files), strict=True))
     index = CheckpointIndex.from_headers(folder, headers)
     return StreamedBase(
-        repo_id=repo_id, commit=commit, folder=str(folder), files=tuple(files), index=index
+        repo_id=repo_id,
+        commit=commit,
+        folder=str(folder),
+        files=tuple(files),
+        index=index,
+        headers=headers,
     )
 
 
@@ -166,6 +181,7 @@ class _File:
     users: int = 0  # consumers that still need it
     nbytes: int = 0
     downloaded: bool = False
+    windowed: bool = False  # holds a place in the disk window until used up
 
 
 class ShardFetcher:
@@ -174,6 +190,8 @@ class ShardFetcher:
     consumer has finished with it (with ``delete_after_use``, the last one frees its disk).
 
     ``users`` maps a file to how many consumers will call ``done_with`` for it (default 1).
+    ``announce(name, nbytes)``, when given, reports each file downloaded instead of the
+    fetcher's own log line (a :class:`FetchQueue` counts over all its fetchers).
     """
 
     def __init__(
@@ -188,6 +206,7 @@ class ShardFetcher:
         ahead: int = DEFAULT_AHEAD,
         users: dict[str, int] | None = None,
         progress: Callable[[int], None] | None = None,
+        announce: Callable[[str, int], None] | None = None,
     ) -> None:
         from huggingface_hub import try_to_load_from_cache
 
@@ -197,6 +216,7 @@ class ShardFetcher:
         self.workers = max(1, workers)
         self.delete_after_use = delete_after_use
         self.progress = progress
+        self.announce = announce  # instead of this fetcher's own line per file downloaded
         self._lock = threading.Lock()
         self._files: dict[str, _File] = {}
         self._order: queue.Queue[str | None] = queue.Queue()
@@ -292,6 +312,12 @@ class ShardFetcher:
         if self.error is not None:
             raise self.error
 
+    def failed_file(self) -> str | None:
+        """The file whose download failed (the one :attr:`error` is about), if any."""
+        if self.error is None:
+            return None
+        return next((e.name for e in self._files.values() if e.error is self.error), None)
+
     def done_with(self, name: str) -> None:
         """One consumer has finished with ``name``; the last frees it (with deletion on)."""
         entry = self._files.get(name)
@@ -304,7 +330,7 @@ class ShardFetcher:
             return
         if self.delete_after_use and entry.downloaded and not entry.cached_before:
             _remove_from_cache(entry.path)
-        if self._window is not None and entry.downloaded:
+        if self._window is not None and entry.windowed:
             self._window.release()
 
     # -- the download threads
@@ -312,31 +338,43 @@ class ShardFetcher:
     def _run(self) -> None:
         while not self._closed.is_set():
             name = self._order.get()
-            if name is None:
+            if name is None or not self.fetch_one(name):
                 return
-            if self._window is not None:
-                self._window.acquire()
-                if self._closed.is_set():
-                    return
-            entry = self._files[name]
-            try:
-                entry.path = self._download(name)
-                entry.nbytes = entry.path.stat().st_size
-                entry.downloaded = True
-                with self._lock:
-                    self.downloaded_bytes += entry.nbytes
-                    self.downloaded_files += 1
-                    count = self.downloaded_files
-                if self.progress is not None:
-                    self.progress(entry.nbytes)
+
+    def fetch_one(self, name: str, *, window: bool = True) -> bool:
+        """Download ``name`` in the calling thread, within the disk window (a thread of this
+        fetcher, or of a :class:`FetchQueue` that orders several fetchers' files); False
+        when the fetcher was closed while waiting for room. ``window=False``: now, outside
+        the window (a file its consumer needs at once and nobody fetches)."""
+        entry = self._files[name]
+        if self._window is not None and window:
+            self._window.acquire()
+            if self._closed.is_set():
+                return False
+            entry.windowed = True
+        try:
+            entry.path = self._download(name)
+            entry.nbytes = entry.path.stat().st_size
+            entry.downloaded = True
+            with self._lock:
+                self.downloaded_bytes += entry.nbytes
+                self.downloaded_files += 1
+                count = self.downloaded_files
+            if self.progress is not None:
+                self.progress(entry.nbytes)
+            if self.announce is not None:
+                self.announce(name, entry.nbytes)
+            else:
                 log.info(logs.download_done_line(count, self._total, name, entry.nbytes))
-            except BaseException as exc:
-                entry.error = exc if isinstance(exc, MergeJobError) else _fetch_error(name, exc)
-                self.error = entry.error
-                if self._window is not None:
-                    self._window.release()
-            finally:
-                entry.done.set()
+        except BaseException as exc:
+            entry.error = exc if isinstance(exc, MergeJobError) else _fetch_error(name, exc)
+            self.error = entry.error
+            if self._window is not None and entry.windowed:
+                entry.windowed = False
+                self._window.release()
+        finally:
+            entry.done.set()
+        return True
 
     def _download(self, name: str) -> Path:
         from huggingface_hub import hf_hub_download
@@ -355,11 +393,98 @@ class ShardFetcher:
         raise AssertionError("unreachable")
 
 
+class FetchQueue:
+    """The files of several :class:`ShardFetcher` (several repos: an extraction's base and
+    fine-tuned model) downloaded in one order, ``workers`` at a time: the order their
+    consumer needs them across repos, so that the first piece of work waits for its own
+    files only. Each fetcher keeps its files, window and errors (``wait``, ``done_with``);
+    the queue's threads only download, and count for the log over all of them.
+    """
+
+    def __init__(
+        self,
+        fetchers: Sequence[ShardFetcher],
+        items: Sequence[tuple[ShardFetcher, str]],
+        *,
+        workers: int = DEFAULT_DOWNLOAD_WORKERS,
+    ) -> None:
+        self.workers = max(1, workers)
+        self.fetchers = list(fetchers)
+        self._todo = [(f, n) for f, n in dict.fromkeys(items) if not f.ready(n)]
+        self._order: queue.Queue[tuple[ShardFetcher, str] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._count = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
+        for fetcher in self.fetchers:
+            fetcher.announce = functools.partial(self._announce, fetcher.repo_id)
+
+    @property
+    def total(self) -> int:
+        """Files to download (those already in the cache are not)."""
+        return len(self._todo)
+
+    def start(self) -> FetchQueue:
+        if self._todo:
+            repos = ", ".join(f"{f.repo_id}@{f.commit[:12]}" for f in self.fetchers)
+            log.info(
+                "download: %d shard(s) of %s, %d at a time, in the order the work reads them",
+                len(self._todo),
+                repos,
+                self.workers,
+            )
+        for item in self._todo:
+            self._order.put(item)
+        for i in range(min(self.workers, len(self._todo))):
+            self._order.put(None)
+            thread = threading.Thread(target=self._run, name=f"mergejob-fetch-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        """Stop fetching (a file being downloaded finishes in the background)."""
+        self._closed.set()
+        for fetcher in self.fetchers:
+            fetcher._closed.set()
+            if fetcher._window is not None:
+                for _ in self._threads:
+                    fetcher._window.release()
+
+    def __enter__(self) -> FetchQueue:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def raise_if_failed(self) -> None:
+        for fetcher in self.fetchers:
+            fetcher.raise_if_failed()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            item = self._order.get()
+            if item is None:
+                return
+            fetcher, name = item
+            if not fetcher.fetch_one(name):
+                return
+
+    def _announce(self, repo_id: str, name: str, nbytes: int) -> None:
+        """One line per file, counted over every repo (the file named with its repo)."""
+        with self._lock:
+            self._count += 1
+            count = self._count
+        log.info(logs.download_done_line(count, len(self._todo), f"{repo_id}/{name}", nbytes))
+
+
 def _fetch_error(name: str, exc: BaseException) -> MergeFailedError:
-    return MergeFailedError(
+    error = MergeFailedError(
         f"downloading {name} failed ({type(exc).__name__}: {exc}); rerun: finished shards "
         "and complete downloads are kept"
     )
+    error.__cause__ = exc  # for a caller that words it its own way
+    return error
 
 
 def _remove_from_cache(path: Path | None) -> None:

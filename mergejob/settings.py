@@ -132,6 +132,19 @@ SPEC_VARIABLES: dict[str, str] = {
     "MERGEJOB_PUBLISH_CREATE_PR": "publish.create_pr",
     "MERGEJOB_PUBLISH_COMMIT_MESSAGE": "publish.commit_message",
     "MERGEJOB_PUBLISH_DELETE_UPLOADED": "publish.delete_uploaded",
+    # An extraction (the ``extract:`` section): MERGEJOB_FINETUNED makes a job one.
+    "MERGEJOB_FINETUNED": "extract.finetuned.path",
+    "MERGEJOB_FINETUNED_REVISION": "extract.finetuned.revision",
+    "MERGEJOB_MAX_RANK": "extract.max_rank",
+    "MERGEJOB_MIN_ENERGY": "extract.min_energy",
+    "MERGEJOB_SV_EPSILON": "extract.sv_epsilon",
+    "MERGEJOB_DISTRIBUTE_SCALE": "extract.distribute_scale",
+    "MERGEJOB_INCLUDE": "extract.include",
+    "MERGEJOB_EXCLUDE": "extract.exclude",
+    "MERGEJOB_EMBEDDINGS": "extract.embeddings",
+    "MERGEJOB_SKIP_UNDECOMPOSABLE": "extract.skip_undecomposable",
+    "MERGEJOB_SVD": "extract.svd",
+    "MERGEJOB_EXTRACT_DTYPE": "extract.dtype",
 }
 
 

@@ -191,7 +191,9 @@ class EngineSpec(_Strict):
         "transformers + PEFT merge_and_unload with accelerate's device_map.",
     )
     device: str = Field(default="cpu", description="cpu, auto (all GPUs), cuda or cuda:N.")
-    workers: int = Field(default=1, ge=1, description="Stream engine worker processes on CPU.")
+    workers: int = Field(
+        default=1, ge=1, description="Worker processes on CPU (stream engine, extraction)."
+    )
     max_memory: dict[str, str] | None = Field(
         default=None, description="accelerate max_memory, e.g. {0: 70GiB, cpu: 200GiB} (peft)."
     )
@@ -378,7 +380,6 @@ class MergeSpec(_Strict):
             ("output.dtype", "dtype" in self.output.model_fields_set, "use extract.dtype"),
             ("output.max_shard_size", "max_shard_size" in self.output.model_fields_set, ""),
             ("engine.name", self.engine.name != "stream", ""),
-            ("engine.workers", self.engine.workers != 1, "one process uses every core"),
             ("engine.max_memory", self.engine.max_memory is not None, ""),
             ("engine.offload_folder", self.engine.offload_folder is not None, ""),
             ("config.overrides", bool(self.config.overrides), ""),
@@ -390,6 +391,12 @@ class MergeSpec(_Strict):
                     f"{name}: not part of an extraction (an extract: section); remove it"
                     + (f" ({hint})" if hint else "")
                 )
+        if self.engine.workers > 1 and self.engine.device.startswith("cuda"):
+            raise ValueError(
+                f"engine.workers: {self.engine.workers} processes are for the CPU; with "
+                f"engine.device {self.engine.device} each GPU gets one thread: leave out "
+                "engine.workers, or use engine.device cpu (or auto)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -458,6 +465,10 @@ def format_validation_error(
             msg = "is required"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        if not loc:
+            # A whole-spec check names its field first ("output.dtype: not part of an
+            # extraction"): the flag or variable that set that field is where it came from.
+            where = _label_for(msg.partition(":")[0], labels) or where
         lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(lines)
 
@@ -620,6 +631,8 @@ def _one_line(exc: Exception) -> str:
 
 # Fields whose value is a free-form mapping: the rest of a dotted key is one key inside it.
 MAP_FIELDS: tuple[str, ...] = ("config.overrides", "engine.max_memory")
+# Sections a spec may give as one string (``path@revision``): see :func:`set_path`.
+SOURCE_FIELDS: tuple[str, ...] = ("base", "extract.finetuned", "config.config_from")
 
 
 def split_dotted(dotted: str) -> list[str]:
@@ -634,10 +647,15 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``output.dtype``-style keys in a nested dict, creating sections as needed."""
     parts = split_dotted(dotted)
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = {}
+            node[part] = child
+        if isinstance(child, str) and ".".join(parts[: depth + 1]) in SOURCE_FIELDS:
+            # A source the file gives as one string (``base: org/model@v1``): a new path
+            # replaces it whole; another field (its revision) splits it first.
+            child = {} if depth == len(parts) - 2 and parts[-1] == "path" else split_source(child)
             node[part] = child
         if not isinstance(child, dict):
             raise SpecError(f"{dotted}: {part} is not a section")
@@ -680,6 +698,8 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             continue
         if dotted == "adapters":
             result[dotted] = [a for a in re.split(r"[,\s]+", raw) if a]
+        elif dotted in ("extract.include", "extract.exclude"):
+            result[dotted] = regex_list(name, raw)
         elif dotted == "config.overrides":
             try:
                 overrides = json.loads(raw)
@@ -692,6 +712,20 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         else:
             result[dotted] = raw
     return result
+
+
+def regex_list(name: str, raw: str) -> list[str]:
+    """``MERGEJOB_INCLUDE``/``MERGEJOB_EXCLUDE``: a JSON array of regexes, or regexes separated
+    by commas or whitespace (a comma inside ``{m,n}`` belongs to its regex)."""
+    if raw.lstrip().startswith("["):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{name}: not a JSON array ({exc.msg})") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SpecError(f'{name}: must be a JSON array of strings, e.g. ["q_proj", "v_proj"]')
+        return value
+    return [p for p in re.split(r"\s+|,(?![^{]*\})", raw) if p]
 
 
 def env_labels(overrides: Mapping[str, Any]) -> dict[str, str]:
@@ -727,8 +761,9 @@ def run_sources(
 
     The file is ``config``, else ``$MERGEJOB_CONFIG``, else the mounted ConfigMap's path
     (``settings.DEFAULT_CONFIG_PATH``). Only that default may be missing, and only when the
-    variables and ``overrides`` name the base and the adapters. ``environ`` is the process
-    environment (``settings.environ()``), or a mapping standing for it.
+    variables and ``overrides`` name the base and the adapters (or the fine-tuned model of an
+    extraction). ``environ`` is the process environment (``settings.environ()``), or a mapping
+    standing for it.
 
     Example::
 
@@ -740,11 +775,13 @@ def run_sources(
     environment = env_overrides(environ)
     given = {**environment, **overrides}
     if not explicit and not Path(path).exists():
-        if "base.path" not in given or "adapters" not in given:
+        if "base.path" not in given or not ({"adapters", FINETUNED_FIELD} & set(given)):
             raise SpecError(
                 f"{path}: spec file not found; mount the ConfigMap there, set MERGEJOB_CONFIG "
-                "or pass --config, or give MERGEJOB_BASE and MERGEJOB_ADAPTERS"
+                "or pass --config, or give MERGEJOB_BASE and MERGEJOB_ADAPTERS (a merge) or "
+                "MERGEJOB_FINETUNED (an extraction)"
             )
+        check_task_variables({}, environment, None)
         return RunSources(path=None, file_data={}, environment=environment)
     try:
         file_data = load_spec_file(path)
@@ -753,7 +790,54 @@ def run_sources(
             raise
         # The file was named by the variable: say so (the pod's env, not a flag, is wrong).
         raise SpecError(f"{settings.CONFIG_ENV}: {exc}") from None
+    check_task_variables(file_data, environment, path)
     return RunSources(path=path, file_data=file_data, environment=environment)
+
+
+# The variable that makes a job an extraction (as MERGEJOB_ADAPTERS makes one a merge).
+FINETUNED_FIELD = "extract.finetuned.path"
+
+
+def check_task_variables(
+    file_data: Mapping[str, Any], environment: Mapping[str, Any], path: str | None
+) -> None:
+    """Refuse ``MERGEJOB_*`` variables of one task (merge or extraction) on a job of the other,
+    naming the variable: a :class:`SpecError` rather than a spec that validates to something
+    else. ``environment`` is :func:`env_overrides`' result; ``file_data`` the spec file's."""
+    names = {dotted: name for name, dotted in ENV_FIELDS.items()}
+    where = path or "the environment"
+    extract_vars = [names[k] for k in environment if k.startswith("extract.")]
+    file_extracts = file_data.get("extract") is not None
+    file_merges = bool(file_data.get("adapters"))
+    if "adapters" in environment and FINETUNED_FIELD in environment:
+        raise SpecError(
+            "MERGEJOB_ADAPTERS and MERGEJOB_FINETUNED: both set; a job merges adapters "
+            "(MERGEJOB_ADAPTERS) or extracts one from a fine-tuned model (MERGEJOB_FINETUNED), "
+            "not both: unset one"
+        )
+    if "adapters" in environment and file_extracts:
+        raise SpecError(
+            f"MERGEJOB_ADAPTERS: a merge's adapters, but {where} describes an extraction (an "
+            "extract: section); unset MERGEJOB_ADAPTERS, or give a merge spec"
+        )
+    if "output.dtype" in environment and (file_extracts or FINETUNED_FIELD in environment):
+        raise SpecError(
+            "MERGEJOB_DTYPE: output.dtype is not part of an extraction (an extract: section); "
+            "unset it (the factors' dtype is MERGEJOB_EXTRACT_DTYPE)"
+        )
+    if not extract_vars or file_extracts:
+        return
+    if FINETUNED_FIELD not in environment:
+        raise SpecError(
+            f"{extract_vars[0]}: an extraction setting, but the job names no fine-tuned model; "
+            f"set MERGEJOB_FINETUNED (or an extract: section in the spec file) to extract, or "
+            f"unset {extract_vars[0]} for a merge"
+        )
+    if file_merges:
+        raise SpecError(
+            f"MERGEJOB_FINETUNED: makes the job an extraction, but {where} lists adapters: to "
+            "merge; unset MERGEJOB_FINETUNED, or give a spec without adapters:"
+        )
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

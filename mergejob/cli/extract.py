@@ -82,8 +82,15 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         help="publish the adapter to the Hub repo named by --output_dir",
     )  # fmt: skip
     job.add_argument(
-        "--device", help="cpu (default), cuda or cuda:N (one GPU), auto (every visible GPU)"
+        "--device",
+        help="cpu (default), cuda (every visible GPU, one thread each), cuda:N (that GPU), "
+        "auto (every visible GPU, else the CPU)",
     )
+    job.add_argument(
+        "--workers", type=int, metavar="N",
+        help="on the CPU, N worker processes (cores / N torch threads each) extracting the "
+        "layers in turn; the adapter's bytes are the same (default 1)",
+    )  # fmt: skip
     job.add_argument("--overwrite", action="store_true", default=None,
                      help="replace a non-empty output folder")  # fmt: skip
     job.add_argument(

@@ -5,6 +5,9 @@
 ``MERGEJOB_*`` environment variables override single fields, then flags (flags > environment
 > file; the layering is :func:`mergejob.spec.run_sources`). Exit codes: 0 done, 2 bad spec or
 input (never worth a retry), 1 anything else.
+
+``mergejob verify`` checks a merged output, or an extracted adapter (a folder whose recipe
+has an ``extract:`` section: :mod:`mergejob.extraction.verify`).
 """
 
 from __future__ import annotations
@@ -90,16 +93,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     verify = sub.add_parser(
         "verify",
-        help="recompute tensors of a merged output from base + adapters and compare",
+        help="recompute tensors of a merged output from base + adapters and compare; or "
+        "check an extracted adapter against its base and fine-tuned model",
     )
     verify.add_argument("output", metavar="OUTPUT", help="a folder written by mergejob")
     verify.add_argument("--base", help="base model folder (default: from OUTPUT/mergejob.yaml)")
+    verify.add_argument(
+        "--finetuned",
+        "--finetuned_model_name_or_path",
+        dest="finetuned",
+        help="an extracted adapter's fine-tuned model folder (default: from the recipe)",
+    )
     verify.add_argument(
         "--adapters", nargs="+", help="adapter folders, in merge order (default: from the recipe)"
     )
     verify.add_argument("--weights", nargs="+", type=float, help="adapter weights (default 1.0)")
     verify.add_argument("--all", action="store_true", help="check every tensor, not a sample")
-    verify.add_argument("--sample", type=int, default=None, help="tensors to sample (default 24)")
+    verify.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="tensors to sample (default 24); an extracted adapter: LoRA modules to recompute "
+        "(default every one)",
+    )
     verify.add_argument(
         "--tolerance-ulps",
         type=int,
@@ -249,8 +265,13 @@ def print_plan(
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """``mergejob verify OUTPUT``: 0 when every checked tensor is within tolerance."""
-    from mergejob.verify import DEFAULT_SAMPLE, verify_output  # torch
+    """``mergejob verify OUTPUT``: 0 when every checked tensor is within tolerance (an
+    extracted adapter: every check of :mod:`mergejob.extraction.verify` holds)."""
+    from mergejob.extraction.verify import is_extraction_output  # torch
+
+    if args.finetuned is not None or is_extraction_output(args.output):
+        return verify_extraction_output(args)
+    from mergejob.verify import DEFAULT_SAMPLE, verify_output
 
     report = verify_output(
         args.output,
@@ -274,6 +295,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 check.max_ulps,
                 check.max_abs,
             )
+    return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def verify_extraction_output(args: argparse.Namespace) -> int:
+    """``mergejob verify OUTPUT`` of an extracted adapter (its recipe has ``extract:``)."""
+    from mergejob.extraction.verify import verify_extraction
+
+    merge_only = (
+        ("--adapters", args.adapters),
+        ("--weights", args.weights),
+        ("--tolerance-ulps", args.tolerance_ulps),
+    )
+    for flag, value in merge_only:
+        if value is not None:
+            raise SpecError(
+                f"{flag}: {args.output} is an extracted adapter, checked against its base and "
+                "fine-tuned model (--base, --finetuned); leave it out"
+            )
+    report = verify_extraction(
+        args.output,
+        base=args.base,
+        finetuned=args.finetuned,
+        sample=None if args.all else args.sample,
+        token=settings.hub_token(),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.summary())
     return EXIT_OK if report.ok else EXIT_FAILURE
 
 

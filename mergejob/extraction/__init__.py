@@ -13,5 +13,7 @@ publishes):
   ``adapter_config.json``;
 - :mod:`~mergejob.extraction.report`: ``extraction.json``, the card's table, and the plan
   ``mergejob plan`` prints; :mod:`~mergejob.extraction.card`: the model card;
+- :mod:`~mergejob.extraction.inputs`: both models, a Hub one streamed shard by shard in the
+  order the groups read them (:mod:`mergejob.fetch`), with the engine's gate;
 - :mod:`~mergejob.extraction.job`: the job, top to bottom (``mergejob.extract(spec)``).
 """

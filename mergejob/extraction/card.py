@@ -123,6 +123,12 @@ def _text(
     ]
     if "kept_overall" in summary:
         lines.append(f"- kept over all LoRA modules: {summary['kept_overall']:.6g} of Σ‖ΔW‖²")
+    if summary.get("biases"):
+        lines.append(
+            f"- biases: {summary['biases']} LoRA layer(s) whose bias changed carry Δb as "
+            "`lora_B`'s bias (`lora_bias`; zeros on the other LoRA layers), which a merge adds "
+            "to the layer's bias (the `bias` column below)"
+        )
     if report.get("dropped"):
         lines.append(
             "- left out (changed, but no LoRA carries them): "
@@ -148,8 +154,8 @@ def _text(
         "",
         "kept ‖ΔW‖²: the fraction of the module's squared norm the factors keep; relative "
         "error: ‖ΔW - BA‖_F / ‖ΔW‖_F with the factors as stored; optimum: the Eckart-Young "
-        "bound at that rank (shown where the full SVD gave it). `extraction.json` holds the "
-        "same.",
+        "bound at that rank (shown where the full SVD gave it); bias: Δb where the layer's "
+        "changed bias is carried as `lora_B`'s bias. `extraction.json` holds the same.",
         "",
         markdown_table(report.get("modules", [])),
         "",

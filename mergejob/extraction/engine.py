@@ -6,17 +6,31 @@ in fp32 a block of rows at a time, so memory holds one module's ΔW and its fact
 model. Each group (a layer) ends as a part file with its record; a rerun skips the groups
 whose part holds (:mod:`mergejob.extraction.writer`).
 
-Before any large read, the tensors no LoRA can carry (the bias of a LoRA layer, a 3-D
-expert weight) are compared: one that changed stops the job (exit 2) unless
-``skip_undecomposable`` leaves it out.
+Before any large read, the tensors no LoRA can carry (a 3-D expert weight) and the biases
+of the LoRA layers are compared. A changed bias is carried as ``lora_B``'s bias (PEFT's
+``lora_bias``, Δb in fp32 stored in the factors' dtype; every LoRA layer then gets one,
+zeros where the bias did not change) unless a changed LoRA layer cannot take one (no bias in
+the base, or an embedding): PEFT's ``lora_bias`` is for every layer of the adapter or none.
+What is left, changed, stops the job (exit 2) unless ``skip_undecomposable`` leaves it out.
 
-Devices: ``cpu`` (one process; torch's threads use every core), ``cuda``/``cuda:N`` (one
-GPU), ``auto`` (every visible GPU, one thread each over its share of the groups, balanced by
-bytes; the CPU when there is none).
+Groups are taken in plan order (the order their bytes lie in the base's shards), each by
+the next free worker: on ``cpu`` one process (torch's threads use every core) or, with
+``workers`` N > 1, N spawned processes (:mod:`mergejob.extraction.workers`, ``cores // N``
+torch threads each) writing their groups' parts and records; on GPUs (``cuda``: every
+visible GPU, as the stream engine; ``cuda:N``: that one; ``auto``: every visible GPU, else
+the CPU) one thread per GPU in this process. ``workers`` is for the CPU: with ``cuda`` or
+``cuda:N`` it is refused, with ``auto`` on GPUs it is not used (a log line says so). The
+bytes do not depend on the workers, the GPUs' number or the cores: each module's
+randomized sketch has its own seed, and LAPACK runs on one thread
+(:mod:`mergejob.extraction.svd`).
+
+``gate(paths)`` is the hook for inputs still arriving (a streamed Hub model): it is called
+in this process with the files a step is about to read and returns once they are whole on
+disk (or raises, which stops the job). See :func:`run_extraction`.
 
 Example::
 
-    outcome = run_extraction(plan, partial, device="cpu", dtype="float32")
+    outcome = run_extraction(plan, partial, device="cpu", workers=4)
     print(len(outcome.rows), "modules")
 """
 
@@ -26,7 +40,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +54,7 @@ from mergejob.extraction.plan import ExtractionPlan, ModuleWork, few
 from mergejob.extraction.svd import RankRule, choose_rank, decompose, factors, residual
 from mergejob.extraction.writer import (
     full_key,
+    lora_bias_key,
     lora_keys,
     part_name,
     read_part,
@@ -47,7 +62,7 @@ from mergejob.extraction.writer import (
 )
 from mergejob.io.headers import DTYPE_SIZES, TensorRef
 from mergejob.io.reader import FileReader, byte_view
-from mergejob.io.shards import ShardRecord, assign_shards, read_record, record_holds, write_record
+from mergejob.io.shards import ShardRecord, read_record, record_holds, write_record
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +85,27 @@ class ExtractionOutcome:
         return [r for r in self.rows if r["status"] != "identical"]
 
 
+# The input gate: returns once the files given are whole on disk (or raises).
+Gate = Callable[[Sequence[Path]], None]
+ProgressCallback = Callable[[int, int, str], None]
+
+
 def devices_for(device: str) -> list[torch.device]:
-    """The devices ``engine.device`` names: ``auto`` is every visible GPU, else the CPU."""
+    """The devices ``engine.device`` names: ``cuda`` every visible GPU (as the stream
+    engine), ``cuda:N`` that one, ``auto`` every visible GPU or else the CPU, ``cpu``."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [torch.device(f"cuda:{i}") for i in range(count)]
     if device == "auto":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [torch.device(f"cuda:{i}") for i in range(count)] or [torch.device("cpu")]
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        return gpus or [torch.device("cpu")]
+    if device.startswith("cuda") and not gpus:
         raise InputError(f"engine.device (--device) {device}: no CUDA GPU is visible here")
+    if device == "cuda":
+        return gpus
+    if device.startswith("cuda:") and int(device.split(":", 1)[1]) >= count:
+        raise InputError(
+            f"engine.device (--device) {device}: only {count} GPU(s) are visible here "
+            f"(cuda:0..cuda:{count - 1})"
+        )
     return [torch.device(device)]
 
 
@@ -85,13 +114,49 @@ def run_extraction(
     partial: Path,
     *,
     device: str = "cpu",
-    progress: Callable[[int, int, str], None] | None = None,
+    workers: int = 1,
+    progress: ProgressCallback | None = None,
+    gate: Gate | None = None,
 ) -> ExtractionOutcome:
     """Extract every group of ``plan`` into part files in ``partial`` (resuming the finished
-    ones) and return the parts and report rows, in group order."""
+    ones) and return the parts and report rows, in group order.
+
+    ``device``: see :func:`devices_for`. ``workers`` N > 1 on the CPU: N spawned processes
+    with ``cores // N`` torch threads each, groups handed out in plan order as they free up;
+    a worker's error stops the job with that error (an :class:`InputError` stays exit 2),
+    the groups finished are kept for a rerun. ``progress(done, total, label)`` is called in
+    this process as each group is finished (default: a log line ``mergejob status`` reads).
+
+    ``gate(paths)`` (optional) is called in this process, never in a worker, with the input
+    files a step is about to read: the base's and the fine-tune's files of the tensors the
+    undecomposable check compares (the checked tensors and the LoRA layers' biases) before
+    that check, then, for each group not finished yet in plan order, the files of its
+    tensors before the group is extracted here or handed to a worker (so never more than a
+    group per worker ahead). It must return only once those files are whole on disk, and
+    may raise (the job stops with that error). Groups are taken in plan order, the order
+    their bytes lie in the base's shards, so a gate fed by downloads in that order holds
+    the extraction only as long as the next files are missing.
+    """
     started = time.monotonic()
+    devices = devices_for(device)
+    gpu = devices[0].type == "cuda"
+    if workers > 1 and gpu:
+        if device != "auto":
+            raise InputError(
+                f"engine.workers (--workers) {workers}: worker processes are for the CPU; "
+                f"with --device {device} each GPU gets one thread: leave out --workers, or "
+                "use --device cpu"
+            )
+        log.info("engine.workers %d: for the CPU; each of the %d GPU(s) gets one thread",
+                 workers, len(devices))  # fmt: skip
     reader = FileReader()
     try:
+        if gate is not None:
+            checked = list(plan.checks) + [
+                n for m in plan.modules for n in (*m.checks, *([m.bias] if m.bias else []))
+            ]
+            if checked:
+                gate(input_files(plan, checked))
         dropped = _check_undecomposable(plan, reader)
         groups = plan.groups
         todo: list[int] = []
@@ -104,27 +169,30 @@ def run_extraction(
                 todo.append(index)
         if resumed:
             log.info("resuming: %d of %d groups are done already", resumed, len(groups))
-        devices = devices_for(device)
-        sizes = [sum(_module_bytes(plan, m) for m in groups[i]) for i in todo]
-        shares = assign_shards(sizes, len(devices)) if todo else [[] for _ in devices]
         counter = _Counter(len(groups), resumed, progress)
 
-        def work(share: list[int], dev: torch.device) -> None:
-            for position in share:
-                index = todo[position]
-                rows, tensors = _extract_group(plan, groups[index], reader, dev)
-                name = part_name(index)
-                size, sha = write_part(partial / name, tensors, rows)
-                write_record(partial, ShardRecord(name, size, sha, plan.plan_id))
-                counter.done(_group_label(groups[index]))
+        def opened(index: int) -> None:
+            if gate is not None:
+                gate(group_files(plan, groups[index]))
 
-        if len(devices) == 1:
-            work(shares[0], devices[0])
+        def finished(index: int) -> None:
+            counter.done(_group_label(groups[index]))
+
+        if workers > 1 and not gpu and len(todo) > 1:
+            from mergejob.extraction.workers import run_processes  # spawns: only when asked
+
+            run_processes(
+                min(workers, len(todo)),
+                todo,
+                setup=_worker_state,
+                setup_args=(plan, str(partial)),
+                task=_worker_group,
+                before=opened,
+                done=finished,
+                label=lambda i: f"group {i}, {_group_label(groups[i])}",
+            )
         else:
-            with ThreadPoolExecutor(len(devices), thread_name_prefix="mergejob-extract") as pool:
-                futures = [pool.submit(work, s, d) for s, d in zip(shares, devices, strict=True)]
-                for future in futures:
-                    future.result()
+            _run_threads(plan, partial, todo, devices, reader, opened, finished)
     finally:
         reader.close()
     parts = [partial / part_name(i) for i in range(len(groups))]
@@ -143,6 +211,82 @@ def run_extraction(
             "include/exclude left out what changed); nothing to extract"
         )
     return outcome
+
+
+def input_files(plan: ExtractionPlan, names: Sequence[str]) -> list[Path]:
+    """The files of both models that hold the tensors ``names``: each once, base first."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(plan.base[name].path)
+        seen.setdefault(plan.tuned[name].path)
+    return [Path(path) for path in seen]
+
+
+def group_files(plan: ExtractionPlan, group: Sequence[ModuleWork]) -> list[Path]:
+    """The input files a group's extraction reads (what the gate is given for it)."""
+    names = [n for m in group for n in (*m.tensors, *([m.bias] if m.bias else []))]
+    return input_files(plan, names)
+
+
+def write_group(
+    plan: ExtractionPlan, partial: Path, index: int, reader: FileReader, device: torch.device
+) -> None:
+    """Extract group ``index`` and write its part, then its record (what a rerun trusts)."""
+    rows, tensors = _extract_group(plan, plan.groups[index], reader, device)
+    name = part_name(index)
+    size, sha = write_part(partial / name, tensors, rows)
+    write_record(partial, ShardRecord(name, size, sha, plan.plan_id))
+
+
+def _run_threads(
+    plan: ExtractionPlan,
+    partial: Path,
+    todo: Sequence[int],
+    devices: Sequence[torch.device],
+    reader: FileReader,
+    opened: Callable[[int], None],
+    finished: Callable[[int], None],
+) -> None:
+    """The groups in this process: one device in this thread, several GPUs one thread each,
+    every thread taking the next group in plan order (the gate called under the lock, so
+    its calls come one at a time and in that order)."""
+    lock = threading.Lock()
+    waiting: Iterator[int] = iter(todo)
+    failed = threading.Event()
+
+    def take() -> int | None:
+        with lock:
+            index = None if failed.is_set() else next(waiting, None)
+            if index is not None:
+                opened(index)
+            return index
+
+    def work(dev: torch.device) -> None:
+        try:
+            while (index := take()) is not None:
+                write_group(plan, partial, index, reader, dev)
+                finished(index)
+        except BaseException:
+            failed.set()  # the other threads stop after their group
+            raise
+
+    if len(devices) == 1:
+        work(devices[0])
+        return
+    with ThreadPoolExecutor(len(devices), thread_name_prefix="mergejob-extract") as pool:
+        futures = [pool.submit(work, d) for d in devices]
+        for future in futures:
+            future.result()
+
+
+def _worker_state(plan: ExtractionPlan, partial: str) -> tuple[ExtractionPlan, Path, FileReader]:
+    """A worker process's state (:func:`mergejob.extraction.workers.run_processes`)."""
+    return plan, Path(partial), FileReader()
+
+
+def _worker_group(state: tuple[ExtractionPlan, Path, FileReader], index: int) -> None:
+    plan, partial, reader = state
+    write_group(plan, partial, index, reader, torch.device("cpu"))
 
 
 class _Counter:
@@ -172,27 +316,80 @@ def _group_label(group: Sequence[ModuleWork]) -> str:
     return first if len(group) == 1 else first.rpartition(".")[0].rpartition(".")[0] or first
 
 
-def _module_bytes(plan: ExtractionPlan, module: ModuleWork) -> int:
-    return sum(plan.base[n].nbytes + plan.tuned[n].nbytes for n in module.tensors)
-
-
 # ---------------------------------------------------------------------------------------
 # Tensors no LoRA carries
 
 
 def _check_undecomposable(plan: ExtractionPlan, reader: FileReader) -> list[str]:
+    """Compare what a LoRA may not carry, decide ``plan.lora_bias``, and return what
+    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2)."""
     names = list(plan.checks) + [n for m in plan.modules for n in m.checks]
     changed = [n for n in names if not _equal(reader, plan.base[n], plan.tuned[n])]
-    if changed and not plan.settings.skip_undecomposable:
+    biases, blocker = _bias_decision(plan, reader)
+    refused = changed + (biases if blocker else [])
+    if refused and not plan.settings.skip_undecomposable:
+        reasons = []
+        if changed:
+            reasons.append(
+                f"{len(changed)} tensor(s) changed that no LoRA carries (a weight that is "
+                f"neither a layer nor a norm: {few(changed)})"
+            )
+        if biases and blocker:
+            reasons.append(
+                f"{len(biases)} bias(es) of LoRA layers changed ({few(biases)}) that no LoRA "
+                f"carries here: PEFT's lora_bias is for every LoRA layer or none, and the "
+                f"changed LoRA layer {blocker} cannot take one ({_no_bias_reason(plan, blocker)})"
+            )
         raise InputError(
-            f"{plan.tuned_dir}: {len(changed)} tensor(s) changed that no LoRA carries (the "
-            f"bias of a LoRA layer, a weight that is neither a layer nor a norm: "
-            f"{few(changed)}); pass --skip-undecomposable (extract.skip_undecomposable) to "
-            "leave them out, or --exclude their modules"
+            f"{plan.tuned_dir}: {'; '.join(reasons)}; pass --skip-undecomposable "
+            "(extract.skip_undecomposable) to leave them out, or --exclude their modules"
         )
-    for name in changed:
+    for name in refused:
         log.warning("%s changed and no LoRA carries it: left out (skip_undecomposable)", name)
-    return changed
+    if plan.lora_bias:
+        log.info("%d changed bias(es) carried as lora_B biases (lora_bias)", len(biases))
+    return refused
+
+
+def _bias_decision(plan: ExtractionPlan, reader: FileReader) -> tuple[list[str], str | None]:
+    """Set ``plan.lora_bias``: whether a LoRA layer's bias changed and every changed LoRA
+    layer can take a ``lora_B`` bias. Returns the changed biases and the first changed layer
+    that cannot take one (None when every one can). Reads the biases, and only when one
+    changed, the weights of the layers without one (stopping at the first that changed)."""
+    biases = [
+        m.bias
+        for m in plan.modules
+        if m.bias is not None and not _equal(reader, plan.base[m.bias], plan.tuned[m.bias])
+    ]
+    blocker = None
+    if biases:
+        blocker = next(
+            (
+                m.module
+                for m in plan.decomposed
+                if m.bias is None
+                and m.weight is not None
+                and not _equal(reader, plan.base[m.weight], plan.tuned[m.weight])
+            ),
+            None,
+        )
+    plan.lora_bias = bool(biases) and blocker is None
+    return biases, blocker
+
+
+def _no_bias_reason(plan: ExtractionPlan, module: str) -> str:
+    work = next(m for m in plan.modules if m.module == module)
+    if work.kind == "embedding":
+        return "PEFT has no lora_bias for an embedding; --embeddings full takes it whole"
+    return "it has no bias in the base"
+
+
+def _carries_bias(plan: ExtractionPlan, reader: FileReader) -> bool:
+    """``plan.lora_bias``, decided here if :func:`_check_undecomposable` has not (the
+    decision depends on the input files only, so any process reaches the same)."""
+    if plan.lora_bias is None:
+        _bias_decision(plan, reader)
+    return bool(plan.lora_bias)
 
 
 def _equal(reader: FileReader, base: TensorRef, tuned: TensorRef) -> bool:
@@ -281,37 +478,57 @@ def _lora_module(
     assert module.weight is not None
     settings_ = plan.settings
     delta = read_delta(reader, plan.base[module.weight], plan.tuned[module.weight])
+    delta_bias = None
+    if module.bias is not None and _carries_bias(plan, reader):
+        delta_bias = read_delta(reader, plan.base[module.bias], plan.tuned[module.bias])
+    bias_changed = delta_bias is not None and bool(delta_bias.any())
     row: dict[str, Any] = {
         "module": module.module,
         "kind": module.kind,
         "shape": list(module.shape),
     }
-    if not bool(delta.any()):
+    if not bool(delta.any()) and not bias_changed:
         row["status"] = "identical"
         return row, []
-    if module.transposed:
-        delta = delta.T  # (out, in) for the factors: PEFT's B is out x r, A is r x in
-    work = delta.to(device)
-    dec = decompose(work, rank=settings_.max_rank, method=settings_.svd, seed=_seed(module.module))
-    rule = RankRule(settings_.max_rank, settings_.sv_epsilon, settings_.min_energy)
-    rank = max(1, choose_rank(dec, rule))
-    b, a = factors(dec, rank, distribute_scale=settings_.distribute_scale)
     dtype = getattr(torch, settings_.dtype)
-    b, a = b.to(dtype), a.to(dtype)
-    err, total = residual(work, b, a)
-    optimal = dec.optimal_error(rank)
-    row.update(
-        {
-            "status": "extracted",
-            "rank": rank,
-            "kept": dec.kept_fraction(rank),
-            "error": (err / total) ** 0.5 if total > 0 else 0.0,
-            "optimal_error": optimal,
-            "method": dec.method,
-            "norm": total**0.5,
-        }
-    )
     # Transposed modules were decomposed as ΔWᵀ: PEFT's delta is then (B @ A).T, with
     # lora_embedding_A r x vocab and lora_embedding_B hidden x r (Conv1D alike).
     key_a, key_b = lora_keys(module.module, embedding=module.kind == "embedding")
-    return row, [(key_a, a.cpu()), (key_b, b.cpu())]
+    if not bool(delta.any()):  # only the bias changed: zero factors at the smallest rank
+        out, inputs = module.lora_shape
+        b, a = torch.zeros(out, 1, dtype=dtype), torch.zeros(1, inputs, dtype=dtype)
+        row.update({"status": "extracted", "rank": 1, "kept": 1.0, "error": 0.0})
+        row.update({"optimal_error": 0.0, "method": "none", "norm": 0.0})
+    else:
+        if module.transposed:
+            delta = delta.T  # (out, in) for the factors: PEFT's B is out x r, A is r x in
+        work = delta.to(device)
+        dec = decompose(
+            work, rank=settings_.max_rank, method=settings_.svd, seed=_seed(module.module)
+        )
+        rule = RankRule(settings_.max_rank, settings_.sv_epsilon, settings_.min_energy)
+        rank = max(1, choose_rank(dec, rule))
+        b, a = factors(dec, rank, distribute_scale=settings_.distribute_scale)
+        b, a = b.to(dtype), a.to(dtype)
+        err, total = residual(work, b, a)
+        optimal = dec.optimal_error(rank)
+        row.update(
+            {
+                "status": "extracted",
+                "rank": rank,
+                "kept": dec.kept_fraction(rank),
+                "error": (err / total) ** 0.5 if total > 0 else 0.0,
+                "optimal_error": optimal,
+                "method": dec.method,
+                "norm": total**0.5,
+            }
+        )
+    saved = [(key_a, a.cpu()), (key_b, b.cpu())]
+    if delta_bias is not None:
+        # lora_bias: PEFT's merge adds lora_B.bias x scale (1) to the layer's bias. Every
+        # LoRA layer gets one (zeros where the bias did not change); Δb, formed in fp32, is
+        # rounded once to the factors' dtype, so base + Δb rounds back to the fine-tune's.
+        saved.append((lora_bias_key(module.module), delta_bias.to(dtype)))
+        if bias_changed:
+            row["bias"] = True
+    return row, saved

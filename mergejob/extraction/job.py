@@ -4,10 +4,12 @@
 ``extract:`` section) and the Python API call. It walks the merge's path with the merge's
 pieces: :func:`mergejob.pipeline.open_output` (the Hub access checked first, the output
 folder checked and never one that would replace an input), the sources resolved like a
-merge's, the plan (:mod:`mergejob.extraction.plan`; every problem before any weight is read),
+merge's (a Hub model's shards streamed: :mod:`mergejob.extraction.inputs`), the plan
+(:mod:`mergejob.extraction.plan`, from the headers; every problem before any weight is read),
 the inputs hashed for the recipe on a thread beside the work (or checked against a recipe's
-record first), the engine (:mod:`mergejob.extraction.engine`, resumable per group), then the
-adapter, its config, the tokenizer, ``extraction.json``, the card and the recipe (last), and
+record first), the engine (:mod:`mergejob.extraction.engine`, resumable per group; each
+group waits for its own shards of a streamed model), then the adapter, its config, the
+tokenizer, ``extraction.json``, the card and the recipe (last), and
 :func:`mergejob.pipeline.settle_output` (one Hub commit, the records dropped, the folder
 renamed into place).
 
@@ -38,11 +40,13 @@ from mergejob.card import card_spec
 from mergejob.errors import InputError, SpecError
 from mergejob.extraction.card import write_card
 from mergejob.extraction.engine import ExtractionOutcome, devices_for, run_extraction
-from mergejob.extraction.plan import ExtractionPlan, plan_extraction
+from mergejob.extraction.inputs import Downloads, ExtractionInputs, open_inputs
+from mergejob.extraction.plan import ExtractionPlan
 from mergejob.extraction.report import extraction_report, write_report
 from mergejob.extraction.writer import assemble_adapter, write_adapter_config
+from mergejob.fetch import DEFAULT_DOWNLOAD_WORKERS
 from mergejob.recipe import Timings
-from mergejob.sources import BASE_PATTERNS, ResolvedSource, resolve_source
+from mergejob.sources import ResolvedSource
 from mergejob.spec import MergeSpec
 
 if TYPE_CHECKING:
@@ -88,17 +92,15 @@ class ExtractResult:
 
 
 def resolve_inputs(
-    spec: MergeSpec, *, token: str | None = None, patterns: list[str] | None = None
-) -> tuple[ResolvedSource, ResolvedSource]:
-    """The base and the fine-tuned model as local folders (Hub ids fetched at a commit)."""
+    spec: MergeSpec, *, token: str | None = None, stream: bool | None = None
+) -> ExtractionInputs:
+    """The base and the fine-tuned model: local folders as they are; a Hub id pinned to a
+    commit, its small files fetched and its shards streamed during the extraction
+    (``stream``, default: unless ``HF_HUB_OFFLINE``), else downloaded whole
+    (:mod:`mergejob.extraction.inputs`)."""
     if spec.extract is None:
         raise SpecError("extract: this spec merges adapters; it has no extract: section")
-    patterns = patterns or BASE_PATTERNS
-    base = resolve_source(spec.base, role="base model", patterns=patterns, token=token)
-    tuned = resolve_source(
-        spec.extract.finetuned, role="fine-tuned model", patterns=patterns, token=token
-    )
-    return base, tuned
+    return open_inputs(spec.base, spec.extract.finetuned, token=token, stream=stream)
 
 
 def resolved_spec(spec: MergeSpec, base: ResolvedSource, tuned: ResolvedSource) -> dict[str, Any]:
@@ -114,20 +116,18 @@ def resolved_spec(spec: MergeSpec, base: ResolvedSource, tuned: ResolvedSource) 
     if out.get("dir"):
         out["dir"] = str(Path(out["dir"]).absolute())
     engine = data.get("engine", {})
-    for key in ("name", "workers"):
-        engine.pop(key, None)
+    engine.pop("name", None)  # workers stays, as a merge's recipe has it (not in the card)
     if data.get("config") == {"overrides": {}, "allow_unknown_keys": False}:
         data.pop("config")
     return data
 
 
-def input_records(
-    base: ResolvedSource, tuned: ResolvedSource, *, workers: int = 4
-) -> list[dict[str, Any]]:
-    """The recipe's ``inputs``: both models with the sha256 of the files an extraction reads."""
+def input_records(inputs: ExtractionInputs, *, workers: int = 4) -> list[dict[str, Any]]:
+    """The recipe's ``inputs``: both models with the sha256 of the files an extraction reads
+    (a streamed shard's is its LFS object id: the same record as a whole download's)."""
     return [
-        recipe.source_record("base", base, BASE_PATTERNS, workers=workers),
-        recipe.source_record("finetuned", tuned, BASE_PATTERNS, workers=workers),
+        inputs.record(0, "base", workers=workers),
+        inputs.record(1, "finetuned", workers=workers),
     ]
 
 
@@ -162,14 +162,10 @@ def extract(
     place = pipeline.open_output(spec, token=token)
     timings = Timings()
     with timings.phase("resolve"):
-        base, tuned = resolve_inputs(spec, token=place.token)
+        sources = resolve_inputs(spec, token=place.token)
+    base, tuned = sources.base, sources.tuned
     with timings.phase("plan"):
-        plan = plan_extraction(
-            spec.extract,
-            base.local_dir,
-            tuned.local_dir,
-            trust_remote_code=spec.base.trust_remote_code,
-        )
+        plan = sources.plan(spec.extract, trust_remote_code=spec.base.trust_remote_code)
         plan.raise_problems()
         devices_for(spec.engine.device)  # a GPU asked for and missing: before any read
         for notice in plan.notices:
@@ -202,12 +198,12 @@ def extract(
     inputs: Callable[[], list[dict[str, Any]]]
     if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
         with timings.phase("inputs"):
-            checked = pipeline.compare_inputs(recorded_inputs, input_records(base, tuned))
+            checked = pipeline.compare_inputs(recorded_inputs, input_records(sources))
         inputs = lambda: checked  # noqa: E731 - one of two ways to the same answer
     elif not complete:  # for the recipe, beside the extraction
-        inputs = pipeline.InputDigests(lambda: input_records(base, tuned, workers=1)).result
+        inputs = pipeline.InputDigests(lambda: input_records(sources, workers=1)).result
     else:
-        inputs = lambda: input_records(base, tuned)  # noqa: E731 - never called: written
+        inputs = lambda: input_records(sources)  # noqa: E731 - never called: written
     if not complete:
         partial = output.open_partial(out_dir, resume=True)
     try:
@@ -216,7 +212,7 @@ def extract(
             report = _read_report(partial)
         else:
             with timings.phase("extract", device=spec.engine.device):
-                outcome = run_extraction(plan, partial, device=spec.engine.device)
+                outcome = run_engine(spec, plan, partial, sources, token=place.token)
             report = write_adapter(
                 spec,
                 plan,
@@ -263,6 +259,33 @@ def extract(
         timings=dict(timings.seconds),
         published=published,
     )
+
+
+def run_engine(
+    spec: MergeSpec,
+    plan: ExtractionPlan,
+    partial: Path,
+    inputs: ExtractionInputs,
+    *,
+    token: str | None = None,
+) -> ExtractionOutcome:
+    """The engine over ``plan``; with a streamed Hub model, beside the downloads of the
+    shards its unfinished groups read, each group waiting for its own files."""
+    engine = spec.engine
+    if not inputs.streamed:
+        return run_extraction(plan, partial, device=engine.device, workers=engine.workers)
+    with Downloads(
+        plan,
+        partial,
+        inputs,
+        token=token,
+        workers=engine.download_workers or DEFAULT_DOWNLOAD_WORKERS,
+        delete_after_use=bool(engine.delete_downloaded),
+        parallel=max(len(devices_for(engine.device)), engine.workers),
+    ) as downloads:
+        return run_extraction(
+            plan, partial, device=engine.device, workers=engine.workers, gate=downloads.gate
+        )
 
 
 def _read_report(folder: Path) -> dict[str, Any]:

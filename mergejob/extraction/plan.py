@@ -3,14 +3,17 @@
 Every tensor the base and the fine-tuned model share is given a role:
 
 - ``lora``: the weight of a Linear (or GPT-2 Conv1D) layer: ΔW is decomposed into PEFT's
-  ``lora_A``/``lora_B``;
+  ``lora_A``/``lora_B``; its bias (``ModuleWork.bias``), if it has one, is carried as
+  ``lora_B``'s bias (PEFT's ``lora_bias``) when the engine finds that a bias changed and every
+  changed LoRA layer has a bias to take it (:attr:`ExtractionPlan.lora_bias`);
 - ``embedding``: the weight of an input embedding with ``embeddings: lora``: decomposed into
   ``lora_embedding_A``/``lora_embedding_B``;
 - ``full``: a module PEFT can only take whole: norms, and the embeddings and ``lm_head`` with
   ``embeddings: full`` (the default, as mergekit) or a resized vocabulary; shipped as
   ``modules_to_save`` when the fine-tune changed it;
-- ``check``: a tensor a LoRA cannot carry (the bias of a LoRA'd layer, a 3-D expert weight):
-  it must be equal in both models, else it is refused unless ``skip_undecomposable``.
+- ``check``: a tensor a LoRA cannot carry (a 3-D expert weight, a non-float buffer): it must
+  be equal in both models, else it is refused unless ``skip_undecomposable`` (so is a changed
+  bias that ``lora_bias`` cannot carry: see the engine).
 
 A tensor only one side has, a shape that differs (other than a resized vocabulary), other
 architectures, or a ``max_rank`` above a module's smaller dimension are problems: the job
@@ -55,7 +58,7 @@ LayerType = Literal["linear", "conv1d", "embedding", "other"]
 
 # Part of every plan id: bumped when what a plan makes changes, so no part file of an
 # older layout is ever resumed.
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3
 _INPUT_EMBEDDING_RE = re.compile(
     r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)$"
 )
@@ -69,8 +72,9 @@ class ModuleWork:
 
     ``weight`` is the decomposed tensor (``lora``/``embedding``), ``tensors`` every tensor of
     the module in both checkpoints (a ``full`` module ships them all), ``checks`` the ones a
-    LoRA cannot carry, which must not differ. ``transposed``: ΔW is stored as (in, out)
-    (Conv1D, embeddings), so the factors are taken from ΔWᵀ.
+    LoRA cannot carry, which must not differ. ``bias``: a ``lora`` module's bias (1-D, one
+    entry per output), which ``lora_bias`` may carry. ``transposed``: ΔW is stored as
+    (in, out) (Conv1D, embeddings), so the factors are taken from ΔWᵀ.
     """
 
     module: str
@@ -85,6 +89,7 @@ class ModuleWork:
     # Tied embeddings: the output embedding (lm_head) this module's weight also is; shipped
     # whole under that name too, so a merge (which unties) keeps the fine-tune's head.
     mirror: str | None = None
+    bias: str | None = None
 
     @property
     def lora_shape(self) -> tuple[int, int]:
@@ -109,6 +114,10 @@ class ExtractionPlan:
     problems: list[str] = field(default_factory=list)
     task_type: str | None = None
     plan_id: str = ""
+    # Whether the adapter carries the LoRA layers' biases (PEFT's lora_bias): decided by the
+    # engine from the biases' bytes before any large read (None until then); a function of
+    # the input files, so of plan_id.
+    lora_bias: bool | None = None
 
     @property
     def groups(self) -> list[list[ModuleWork]]:
@@ -376,11 +385,13 @@ def _classify(
         output_embedding = bool(_OUTPUT_EMBEDDING_RE.search(module)) and kind_of_layer != "other"
         kind: ModuleKind | None
         checks: tuple[str, ...] = ()
+        bias: str | None = None
         if kind_of_layer == "embedding":
             kind = "embedding" if settings.embeddings == "lora" and decomposable else "full"
         elif kind_of_layer in ("linear", "conv1d") and decomposable:
             kind = "full" if output_embedding and settings.embeddings == "full" else "lora"
-            checks = tuple(n for n in names if n != weight_name)
+            bias = _lora_bias(plan, module, names, weight_name, kind_of_layer)
+            checks = tuple(n for n in names if n not in (weight_name, bias))
         elif kind_of_layer in ("linear", "conv1d") and resized and output_embedding:
             kind = "full"
         elif all(len(plan.base[n].shape) <= 1 for n in names) or resized:
@@ -413,6 +424,7 @@ def _classify(
                 group=group,
                 resized=resized,
                 mirror=mirror,
+                bias=bias if kind == "lora" else None,
             )
         )
     if resized_modules := [m.module for m in plan.modules if m.resized]:
@@ -424,6 +436,22 @@ def _classify(
         plan.notices.append(
             f"{len(plan.excluded)} module(s) left out by include/exclude ({few(plan.excluded)})"
         )
+
+
+def _lora_bias(
+    plan: ExtractionPlan,
+    module: str,
+    names: Sequence[str],
+    weight_name: str,
+    layer: LayerType,
+) -> str | None:
+    """The bias of a Linear/Conv1D layer that ``lora_B``'s bias can stand for: 1-D, one
+    entry per output (a Linear's rows, a Conv1D's columns)."""
+    name = f"{module}.bias"
+    if name not in names:
+        return None
+    out = plan.base[weight_name].shape[1 if layer == "conv1d" else 0]
+    return name if tuple(plan.base[name].shape) == (out,) else None
 
 
 def _plan_id(plan: ExtractionPlan) -> str:
@@ -449,6 +477,7 @@ def _plan_id(plan: ExtractionPlan) -> str:
                 [ref_id(plan.base[n]) for n in m.tensors],
                 [ref_id(plan.tuned[n]) for n in m.tensors],
                 list(m.checks),
+                m.bias,
             ]
             for m in plan.modules
         ],

@@ -2,8 +2,10 @@
 
 ``extraction_report`` is the report written as ``extraction.json`` beside the adapter (and as
 a table in its card): per module its kind, shape, rank, the kept fraction of ‖ΔW‖², the
-relative error ‖ΔW - B A‖_F / ‖ΔW‖_F of the factors as stored, and the Eckart-Young optimum
-``sqrt(Σ discarded σ²) / ‖ΔW‖_F`` where the full SVD gave it.
+relative error ‖ΔW - B A‖_F / ‖ΔW‖_F of the factors as stored, the Eckart-Young optimum
+``sqrt(Σ discarded σ²) / ‖ΔW‖_F`` where the full SVD gave it, and ``bias: true`` where the
+layer's changed bias is carried as ``lora_B``'s bias (``lora_bias``; a layer whose weight
+did not change then has zero factors of rank 1, ``method: none``).
 
 ``ExtractionPlanReport`` is what ``mergejob plan`` prints for an extraction: the modules (by
 kind and shape), the ranks it will allow, the SVD method, notices and problems, the adapter's
@@ -36,7 +38,7 @@ from mergejob.extraction.svd import (
 )
 from mergejob.extraction.writer import factor_bytes
 from mergejob.io.header_view import header_view
-from mergejob.io.headers import file_size, hub_headers
+from mergejob.io.headers import DTYPE_SIZES, file_size, hub_headers
 from mergejob.spec import MergeSpec
 
 REPORT_FORMAT = 1
@@ -60,6 +62,7 @@ def extraction_report(
         "rank_max": max(ranks, default=0),
         "error_max": max(errors, default=0.0),
         "error_mean": sum(errors) / len(errors) if errors else 0.0,
+        "biases": sum(1 for r in extracted if r.get("bias")),
     }
     norms = [float(r.get("norm", 0.0)) for r in extracted]
     total = sum(n * n for n in norms)
@@ -96,8 +99,8 @@ def _number(value: Any, digits: int = 3) -> str:
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-module table of the card (identical modules left out)."""
     lines = [
-        "| module | kind | shape | rank | kept ‖ΔW‖² | relative error | optimum |",
-        "|---|---|---|---|---|---|---|",
+        "| module | kind | shape | rank | kept ‖ΔW‖² | relative error | optimum | bias |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.get("status") == "identical":
@@ -107,7 +110,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"| `{row['module']}` | {kind} | {shape} | {row.get('rank', '-')} "
             f"| {_number(row.get('kept'), 6)} | {_number(row.get('error'))} "
-            f"| {_number(row.get('optimal_error'))} |"
+            f"| {_number(row.get('optimal_error'))} | {'Δb' if row.get('bias') else '-'} |"
         )
     return "\n".join(lines)
 
@@ -129,6 +132,7 @@ class ExtractThroughput:
     gpu_flops: float = 20e12
     krylov_blocks: int = 10  # typical for fine-tuning deltas (at most 16)
     base_rss: int = 450 * 10**6  # python, torch, transformers and peft imported
+    worker_rss: int = 250 * 10**6  # a worker process: python, torch, the engine (233 MB)
 
 
 THROUGHPUT = ExtractThroughput()
@@ -155,6 +159,7 @@ class ExtractionPlanReport:
     output_dir: str | None
     device: str
     settings: dict[str, Any]
+    workers: int = 1  # processes on the CPU (engine.workers; one on GPUs)
     modules: list[ModuleLine] = field(default_factory=list)
     tensors_total: int = 0
     excluded: list[str] = field(default_factory=list)
@@ -183,7 +188,8 @@ class ExtractionPlanReport:
         """The human-readable plan."""
         lines = [
             f"plan: extract {self.finetuned} - {self.base} as a LoRA adapter -> "
-            f"{self.output_dir or '(no folder)'} (device {self.device})",
+            f"{self.output_dir or '(no folder)'} (device {self.device}"
+            + (f", {self.workers} workers)" if self.workers > 1 else ")"),
             f"settings: max_rank {self.settings.get('max_rank')}, "
             f"min_energy {self.settings.get('min_energy')}, "
             f"sv_epsilon {self.settings.get('sv_epsilon')}, "
@@ -206,7 +212,11 @@ class ExtractionPlanReport:
             f"disk: {_size(self.disk_bytes)} needed (output, its parts, downloads)",
             f"memory: {_size(self.memory_bytes)} RAM"
             + (f", {_size(self.gpu_bytes)} per GPU" if self.gpu_bytes else "")
-            + " (the largest module's ΔW and decomposition)",
+            + (
+                f" (each of {self.workers} workers: the largest module's ΔW and decomposition)"
+                if self.workers > 1
+                else " (the largest module's ΔW and decomposition)"
+            ),
             f"time: ~{_duration(self.seconds)}",
             "",
         ]
@@ -289,17 +299,20 @@ def plan_report_for(
     finetuned: str,
     output_dir: str | None,
     device: str,
+    workers: int = 1,
     download_bytes: int = 0,
     strict: bool = False,
     throughput: ExtractThroughput = THROUGHPUT,
 ) -> ExtractionPlanReport:
     """The plan report of ``plan`` (its problems and notices included)."""
     settings_ = plan.settings
+    on_gpu = device.startswith(("cuda", "auto"))
     report = ExtractionPlanReport(
         base=base,
         finetuned=finetuned,
         output_dir=output_dir,
         device=device,
+        workers=1 if on_gpu else workers,
         settings=settings_.model_dump(mode="json", exclude={"finetuned"}),
         tensors_total=len(plan.base),
         excluded=list(plan.excluded),
@@ -327,6 +340,8 @@ def plan_report_for(
             report.adapter_bytes_max += factor_bytes(
                 (module.shape[0], module.shape[1]), rank, settings_.dtype
             )
+            if module.bias is not None:  # lora_B's bias, where a bias changed
+                report.adapter_bytes_max += module.lora_shape[0] * DTYPE_SIZES[settings_.dtype]
             seconds += _svd_cost(module, plan, throughput) * (
                 throughput.cpu_flops / throughput.gpu_flops
                 if device.startswith(("cuda", "auto"))
@@ -336,9 +351,12 @@ def plan_report_for(
     report.read_bytes = plan.input_bytes
     seconds += report.read_bytes / throughput.read_bps
     report.seconds = seconds
-    report.memory_bytes = throughput.base_rss + max(
-        (module_memory(m, plan) for m in plan.modules), default=0
-    )
+    largest = max((module_memory(m, plan) for m in plan.modules), default=0)
+    report.memory_bytes = throughput.base_rss + largest
+    if report.workers > 1:  # each worker holds its module; the parent none
+        report.memory_bytes = throughput.base_rss + report.workers * (
+            throughput.worker_rss + largest
+        )
     if device.startswith(("cuda", "auto")):
         report.gpu_bytes = report.memory_bytes
     # The parts and the assembled adapter are both on disk before the parts go.
@@ -391,6 +409,7 @@ def extraction_plan_report(
             finetuned=spec.extract.finetuned.display(),
             output_dir=spec.output.dir,
             device=spec.engine.device,
+            workers=spec.engine.workers,
             download_bytes=download,
             strict=strict,
         )

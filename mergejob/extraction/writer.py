@@ -47,6 +47,11 @@ def lora_keys(module: str, *, embedding: bool) -> tuple[str, str]:
     return f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
 
 
+def lora_bias_key(module: str) -> str:
+    """PEFT's saved key of a module's ``lora_B`` bias (``lora_bias``)."""
+    return f"{settings.PEFT_PREFIX}{module}.lora_B.bias"
+
+
 def full_key(tensor_name: str) -> str:
     """PEFT's saved key of a ``modules_to_save`` tensor (the wrapper's infix is dropped)."""
     return f"{settings.PEFT_PREFIX}{tensor_name}"
@@ -127,8 +132,16 @@ def write_adapter_config(
     """``adapter_config.json`` as PEFT writes it (built with ``peft.LoraConfig``): the most
     common rank as ``r``, the others in ``rank_pattern``; ``lora_alpha = r`` everywhere
     (``alpha_pattern`` follows ``rank_pattern``), so every scale is 1 and ``B @ A`` is ΔW.
-    Returns the config as written."""
+    ``lora_bias`` is set when ``folder``'s adapter file (assembled first) holds ``lora_B``
+    biases: then it holds one for every LoRA layer (zeros where the bias did not change),
+    and PEFT's merge adds it, times the scale 1, to the layer's bias. Returns the config as
+    written."""
     from peft import LoraConfig
+
+    weights = Path(folder) / settings.ADAPTER_WEIGHTS_FILE
+    lora_bias = weights.is_file() and any(
+        name.endswith(".lora_B.bias") for name in read_header(weights).tensors()
+    )
 
     counts: dict[int, int] = {}
     for rank in ranks.values():
@@ -145,13 +158,22 @@ def write_adapter_config(
         fan_in_fan_out=fan_in_fan_out,
         lora_dropout=0.0,
         bias="none",
+        lora_bias=lora_bias,
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
         revision=revision,
         inference_mode=True,
     )
     config.save_pretrained(str(folder))
-    return json.loads((Path(folder) / settings.ADAPTER_CONFIG_FILE).read_text())
+    # PEFT keeps target_modules as a set and writes it in the set's order, which follows
+    # the process's string hash seed: sorted, the file is the same bytes in every process
+    # (a recipe rerun reproduces it). Written back as PEFT writes it.
+    path = Path(folder) / settings.ADAPTER_CONFIG_FILE
+    written = json.loads(path.read_text())
+    if isinstance(written.get("target_modules"), list):
+        written["target_modules"] = sorted(written["target_modules"])
+    path.write_text(json.dumps(written, indent=2, sort_keys=True))
+    return written
 
 
 def target_modules(lora_modules: Sequence[str], all_modules: Sequence[str]) -> list[str]:
