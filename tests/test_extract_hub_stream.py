@@ -277,3 +277,15 @@ def test_local_inputs_are_not_streamed(hub_models: dict[str, Any], tmp_path: Pat
     inputs = resolve_inputs(spec)
     assert not inputs.streamed
     assert inputs.base.local_dir == Path(hub_models["base"]).resolve()
+
+
+def test_extract_takes_the_download_flags_of_merge() -> None:
+    from mergejob.cli import build_parser
+    from mergejob.cli.extract import spec_of
+
+    argv = ["extract", "--base", "org/b", "--finetuned", "org/t", "--output_dir", "o"]
+    spec = spec_of(build_parser().parse_args(argv))
+    assert spec.engine.download_workers is None and spec.engine.delete_downloaded is None
+    flags = ["--download-workers", "2", "--delete-downloaded"]
+    spec = spec_of(build_parser().parse_args([*argv, *flags]))
+    assert spec.engine.download_workers == 2 and spec.engine.delete_downloaded is True

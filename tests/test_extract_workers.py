@@ -227,6 +227,46 @@ def test_the_gate_holds_each_group_in_plan_order_until_its_files_are_on_disk(
         assert max(live for _, _, live in calls[2:]) == 2  # two processes at work
 
 
+def test_the_bias_decision_gates_the_weights_it_reads_beyond_the_biases(
+    qwen: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A changed q bias makes the engine look for a changed LoRA layer without a bias (it
+    would forbid lora_bias): each such weight it reads is gated first, so a streamed model
+    is never read before its file is there."""
+    from safetensors.torch import load_file, save_file
+
+    from mergejob.io.checkpoint import CheckpointIndex
+
+    base = Path(shutil.copytree(qwen[0], tmp_path / "base"))
+    tuned = Path(shutil.copytree(qwen[1], tmp_path / "tuned"))
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    shard = tuned / CheckpointIndex.from_folder(tuned).tensors[bias].shard
+    stored = load_file(str(shard))
+    stored[bias] = stored[bias] + 0.25
+    save_file(stored, str(shard), metadata={"format": "pt"})
+    plan = plan_of(base, tuned, skip_undecomposable=True)
+    blocker = next(m for m in plan.decomposed if m.bias is None and m.weight is not None)
+    away = tmp_path / "away"
+    for folder in (base, tuned):
+        for path in folder.glob("*.safetensors"):
+            (away / folder.name).mkdir(parents=True, exist_ok=True)
+            path.rename(away / folder.name / path.name)
+    calls: list[set[Path]] = []
+
+    def gate(paths: Sequence[Path]) -> None:
+        calls.append({Path(p) for p in paths})
+        for path in map(Path, paths):
+            if not path.exists():
+                (away / path.parent.name / path.name).rename(path)
+
+    outcome = run_extraction(plan, tmp_path / "partial", gate=gate)
+    assert plan.lora_bias is False  # o_proj / the MLP changed and cannot take a bias
+    assert bias in outcome.dropped
+    weight = blocker.weight
+    assert weight is not None
+    assert calls[1] == {Path(plan.base[weight].path), Path(plan.tuned[weight].path)}
+
+
 def test_a_failing_gate_stops_the_job_with_its_error(
     pair: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -55,7 +55,7 @@ class ArgumentParser(argparse.ArgumentParser):
 # The job's flags
 
 
-_WORKERS_HELP = "stream engine worker processes"
+_WORKERS_HELP = "worker processes on the CPU (stream engine; an extraction's layers)"
 # On render and submit --workers N counts the pods of an Indexed Job (LaunchOptions.workers),
 # not the spec's engine.workers, which every pod would multiply by N.
 _PODS_HELP = (
@@ -120,16 +120,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
                      metavar="DIR", help="accelerate disk-offload folder (peft engine)")  # fmt: skip
     job.add_argument("--overwrite", action="store_true", default=None,
                      help="replace a non-empty output folder")  # fmt: skip
-    job.add_argument(
-        "--download-workers", "--download_workers", dest="download_workers", type=int,
-        metavar="N", help="stream engine, Hub base: base shards downloaded at once (default 4)",
-    )  # fmt: skip
-    job.add_argument(
-        "--delete-downloaded", "--delete_downloaded", dest="delete_downloaded",
-        action="store_true", default=None,
-        help="stream engine, Hub base: remove each base shard this job downloaded from the HF "
-        "cache once every output shard that reads it is done (bounded disk use)",
-    )  # fmt: skip
+    add_download_arguments(job, what="stream engine, Hub base: base", user="output shard")
     job.add_argument(
         "--set-config", "--set_config", dest="set_config", action="append", metavar="KEY=VALUE",
         help="set a config.json key of the output (repeatable; the value is JSON: "
@@ -138,6 +129,22 @@ def add_job_arguments(parser: argparse.ArgumentParser, *, pods: bool = False) ->
     job.add_argument(
         "--config-from", "--config_from", dest="config_from", metavar="ID_OR_PATH",
         help="take config.json from this model (same architecture and shapes)",
+    )  # fmt: skip
+
+
+def add_download_arguments(group: Any, *, what: str, user: str) -> None:
+    """``--download-workers``/``--delete-downloaded``: how a streamed Hub input is fetched
+    (``what`` its shards, freed once every ``user`` that reads them is done); ``merge`` and
+    ``extract`` share them."""
+    group.add_argument(
+        "--download-workers", "--download_workers", dest="download_workers", type=int,
+        metavar="N", help=f"{what} shards downloaded at once (default 4)",
+    )  # fmt: skip
+    group.add_argument(
+        "--delete-downloaded", "--delete_downloaded", dest="delete_downloaded",
+        action="store_true", default=None,
+        help=f"{what} shards this job downloaded are removed from the HF cache once every "
+        f"{user} that reads them is done (bounded disk use)",
     )  # fmt: skip
 
 

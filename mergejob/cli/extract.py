@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from mergejob.cli.args import (
+    add_download_arguments,
     add_logging_arguments,
     add_publish_arguments,
     recorded_inputs_of,
@@ -93,6 +94,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     job.add_argument("--overwrite", action="store_true", default=None,
                      help="replace a non-empty output folder")  # fmt: skip
+    add_download_arguments(job, what="Hub inputs: both models'", user="layer")
     job.add_argument(
         "--trust_remote_code", "--trust-remote-code", dest="trust_remote_code",
         action="store_true", default=None, help="allow custom model code (module types)",

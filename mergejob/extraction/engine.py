@@ -157,7 +157,7 @@ def run_extraction(
             ]
             if checked:
                 gate(input_files(plan, checked))
-        dropped = _check_undecomposable(plan, reader)
+        dropped = _check_undecomposable(plan, reader, gate)
         groups = plan.groups
         todo: list[int] = []
         resumed = 0
@@ -320,12 +320,16 @@ def _group_label(group: Sequence[ModuleWork]) -> str:
 # Tensors no LoRA carries
 
 
-def _check_undecomposable(plan: ExtractionPlan, reader: FileReader) -> list[str]:
+def _check_undecomposable(
+    plan: ExtractionPlan, reader: FileReader, gate: Gate | None = None
+) -> list[str]:
     """Compare what a LoRA may not carry, decide ``plan.lora_bias``, and return what
-    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2)."""
+    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2). ``gate``:
+    as :func:`run_extraction`'s, for the weights the bias decision reads beyond the
+    tensors the caller gated already."""
     names = list(plan.checks) + [n for m in plan.modules for n in m.checks]
     changed = [n for n in names if not _equal(reader, plan.base[n], plan.tuned[n])]
-    biases, blocker = _bias_decision(plan, reader)
+    biases, blocker = _bias_decision(plan, reader, gate)
     refused = changed + (biases if blocker else [])
     if refused and not plan.settings.skip_undecomposable:
         reasons = []
@@ -351,7 +355,9 @@ def _check_undecomposable(plan: ExtractionPlan, reader: FileReader) -> list[str]
     return refused
 
 
-def _bias_decision(plan: ExtractionPlan, reader: FileReader) -> tuple[list[str], str | None]:
+def _bias_decision(
+    plan: ExtractionPlan, reader: FileReader, gate: Gate | None = None
+) -> tuple[list[str], str | None]:
     """Set ``plan.lora_bias``: whether a LoRA layer's bias changed and every changed LoRA
     layer can take a ``lora_B`` bias. Returns the changed biases and the first changed layer
     that cannot take one (None when every one can). Reads the biases, and only when one
@@ -362,17 +368,14 @@ def _bias_decision(plan: ExtractionPlan, reader: FileReader) -> tuple[list[str],
         if m.bias is not None and not _equal(reader, plan.base[m.bias], plan.tuned[m.bias])
     ]
     blocker = None
-    if biases:
-        blocker = next(
-            (
-                m.module
-                for m in plan.decomposed
-                if m.bias is None
-                and m.weight is not None
-                and not _equal(reader, plan.base[m.weight], plan.tuned[m.weight])
-            ),
-            None,
-        )
+    for m in plan.decomposed if biases else ():
+        if m.bias is not None or m.weight is None:
+            continue
+        if gate is not None:  # a streamed input: this weight's files may not be here yet
+            gate(input_files(plan, [m.weight]))
+        if not _equal(reader, plan.base[m.weight], plan.tuned[m.weight]):
+            blocker = m.module
+            break
     plan.lora_bias = bool(biases) and blocker is None
     return biases, blocker
 
