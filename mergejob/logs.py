@@ -364,3 +364,20 @@ def hide_secrets() -> None:
         return
     for handler in log.handlers:
         handler.addFilter(_HideSecrets(secrets))
+
+
+def size_text(nbytes: float) -> str:
+    """A byte count for people: ``1.4 TB``, ``512.0 MB``, ``12 B`` (powers of ten, as the Hub)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def duration_text(seconds: float) -> str:
+    """An estimate's duration for people: ``40 s``, ``12 min``, ``2.5 h``."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mergejob import settings
+from mergejob import logs, settings
 from mergejob.errors import InputError, PublishError, TokenError
 from mergejob.spec import PublishSpec
 
@@ -391,11 +391,11 @@ class UploadProgress:
             log.info(
                 "uploaded %s (%s): %d/%d files, %s of %s, %.1f MB/s",
                 name,
-                _size(nbytes),
+                logs.size_text(nbytes),
                 self.files_done,
                 self.files_total,
-                _size(self.done),
-                _size(self.total),
+                logs.size_text(self.done),
+                logs.size_text(self.total),
                 self.done / seconds / 1e6,
             )
 
@@ -1017,13 +1017,6 @@ def scrub(text: str, token: str | None) -> str:
     if token and len(token) >= 4:
         text = text.replace(token, "***")
     return text
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 def remove_local_copy(folder: Path) -> None:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergejob import settings
+from mergejob import logs, settings
 from mergejob.extraction.plan import ExtractionPlan, ModuleWork, plan_extraction
 from mergejob.extraction.svd import (
     BLOCK_ELEMENTS,
@@ -205,19 +205,19 @@ class ExtractionPlanReport:
             lines.append(f"  left out by include/exclude: {len(self.excluded)}")
         lines += [
             "",
-            f"adapter: at most {_size(self.adapter_bytes_max)} (every module at its largest "
+            f"adapter: at most {logs.size_text(self.adapter_bytes_max)} (every module at its largest "
             "rank, every full module changed)",
-            f"reads: {_size(self.read_bytes)} from both checkpoints"
-            + (f"; download {_size(self.download_bytes)}" if self.download_bytes else ""),
-            f"disk: {_size(self.disk_bytes)} needed (output, its parts, downloads)",
-            f"memory: {_size(self.memory_bytes)} RAM"
-            + (f", {_size(self.gpu_bytes)} per GPU" if self.gpu_bytes else "")
+            f"reads: {logs.size_text(self.read_bytes)} from both checkpoints"
+            + (f"; download {logs.size_text(self.download_bytes)}" if self.download_bytes else ""),
+            f"disk: {logs.size_text(self.disk_bytes)} needed (output, its parts, downloads)",
+            f"memory: {logs.size_text(self.memory_bytes)} RAM"
+            + (f", {logs.size_text(self.gpu_bytes)} per GPU" if self.gpu_bytes else "")
             + (
                 f" (each of {self.workers} workers: the largest module's ΔW and decomposition)"
                 if self.workers > 1
                 else " (the largest module's ΔW and decomposition)"
             ),
-            f"time: ~{_duration(self.seconds)}",
+            f"time: ~{logs.duration_text(self.seconds)}",
             "",
         ]
         if self.problems:
@@ -229,21 +229,6 @@ class ExtractionPlanReport:
             lines.append(f"notices ({len(self.notices)}):")
             lines += [f"  - {n}" for n in self.notices]
         return "\n".join(lines)
-
-
-def _size(nbytes: float) -> str:
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} B"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _leaf(module: str) -> str:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergejob import settings
+from mergejob import logs, settings
 from mergejob.adapter_config import adapter_weights_path, read_adapter_config
 from mergejob.errors import InputError, MergeJobError
 from mergejob.fetch import DEFAULT_AHEAD
@@ -174,22 +174,23 @@ class PlanReport:
             lines.append(f"config.json: {json.dumps(self.config, sort_keys=True)}")
         lines += [
             "",
-            f"output: {self.output_dtype or '?'}, {_size(self.output_bytes)} in "
-            f"{self.shards} shard(s) (largest {_size(self.largest_shard_bytes)})",
+            f"output: {self.output_dtype or '?'}, {logs.size_text(self.output_bytes)} in "
+            f"{self.shards} shard(s) (largest {logs.size_text(self.largest_shard_bytes)})",
         ]
         if self.disk:
             free = ", ".join(
-                f"{where} {_size(n)} free" for where, n in self.disk.get("free", {}).items()
+                f"{where} {logs.size_text(n)} free"
+                for where, n in self.disk.get("free", {}).items()
             )
             lines.append(
-                f"disk: {_size(self.disk['needed_bytes'])} needed "
-                f"({_size(self.download_bytes)} download cache + "
-                f"{_size(self.disk['output_bytes'])} output){f'; {free}' if free else ''}"
+                f"disk: {logs.size_text(self.disk['needed_bytes'])} needed "
+                f"({logs.size_text(self.download_bytes)} download cache + "
+                f"{logs.size_text(self.disk['output_bytes'])} output){f'; {free}' if free else ''}"
             )
         if self.disk.get("windowed_bytes"):
             lines.append(
                 f"disk with --delete-downloaded and --delete-uploaded: about "
-                f"{_size(self.disk['windowed_bytes'])} (a window of shards, not the model)"
+                f"{logs.size_text(self.disk['windowed_bytes'])} (a window of shards, not the model)"
             )
         if self.streamed:
             lines.append(
@@ -197,16 +198,20 @@ class PlanReport:
                 "(stream engine), uploaded as they are written when publishing"
             )
         for i, nbytes in enumerate(self.index_downloads):
-            lines.append(f"index {i}/{len(self.index_downloads)}: downloads {_size(nbytes)}")
+            lines.append(
+                f"index {i}/{len(self.index_downloads)}: downloads {logs.size_text(nbytes)}"
+            )
         for m in self.memory:
-            gpu = f", {_size(m.gpu_bytes)} per GPU" if m.gpu_bytes else ""
+            gpu = f", {logs.size_text(m.gpu_bytes)} per GPU" if m.gpu_bytes else ""
             note = f" ({m.note})" if m.note else ""
-            lines.append(f"memory, {m.engine} engine: {_size(m.host_bytes)} RAM{gpu}{note}")
+            lines.append(
+                f"memory, {m.engine} engine: {logs.size_text(m.host_bytes)} RAM{gpu}{note}"
+            )
         for engine, seconds in self.seconds.items():
-            lines.append(f"time, {engine} engine: ~{_duration(seconds)}")
+            lines.append(f"time, {engine} engine: ~{logs.duration_text(seconds)}")
         if self.ranges:
             lines.append(
-                f"values: read {_size(self.ranges['bytes_read'])} of base weights "
+                f"values: read {logs.size_text(self.ranges['bytes_read'])} of base weights "
                 f"({self.ranges['tensors']} tensors) to check that {self.ranges['dtype']} "
                 "holds them"
             )
@@ -226,21 +231,6 @@ def _listed(values: Sequence[Any]) -> str:
     if not values:
         return "-"
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-
-
-def _size(nbytes: int | float) -> str:
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} B"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,7 +689,7 @@ def _check_ranges(report: PlanReport, view_dir: Path, base_dir: Path) -> None:
     total = sum(r.nbytes for r in readable)
     log.info(
         "plan: reading %s of base weights stored as %s, to check that %s holds them",
-        _size(total),
+        logs.size_text(total),
         "/".join(stored),
         dtype,
     )
@@ -777,10 +767,10 @@ def _check_disk(report: PlanReport, spec: MergeSpec, offload_bytes: int) -> None
             report.disk["free"][label] = free
         needed = sum(place[3] for place in group)
         if free < needed:
-            what = " + ".join(f"{_size(n)} {label}" for label, _, _, n in group)
+            what = " + ".join(f"{logs.size_text(n)} {label}" for label, _, _, n in group)
             where = ", ".join(shown for _, shown, _, _ in group)
             report.problems.append(
-                f"{where}: {_size(free)} free, the job writes {_size(needed)} there ({what}); "
+                f"{where}: {logs.size_text(free)} free, the job writes {logs.size_text(needed)} there ({what}); "
                 "free space or choose a folder on a larger disk"
             )
 
