@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mergejob import logs, model_config, output, recipe, settings
 from mergejob.errors import (
@@ -43,36 +43,53 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class MergeResult:
-    """Where the merged model is and how it was made.
+@dataclass(kw_only=True)
+class JobResult:
+    """What a finished job (a merge, an extraction) tells its caller.
 
-    ``output_dir`` is None when the model was only published (its local copy was temporary);
-    ``published`` says where it went on the Hub.
+    ``output_dir`` is None when the output was only published (its local copy was
+    temporary); ``published`` says where it went on the Hub; ``already_finished``: the
+    output held this very job already, nothing was done again.
     """
 
     output_dir: Path | None
-    engine: EngineReport
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     published: PublishResult | None = None
     already_finished: bool = False
 
+    what: ClassVar[str] = "job"
+
+    def done_lines(self) -> list[str]:
+        """What the job made (a job that did its work)."""
+        return [] if self.output_dir is None else [f"written to {self.output_dir}"]
+
     def summary(self) -> str:
         """What a command prints when the job is done."""
-        lines = []
         if self.already_finished:
             where = self.output_dir if self.output_dir is not None else "the Hub"
-            lines.append(f"{where} already holds this merge: nothing to do")
-        elif self.output_dir is not None:
-            lines.append(logs.merged_line(self.output_dir, self.seconds))
+            lines = [f"{where} already holds this {self.what}: nothing to do"]
         else:
-            lines.append(f"merged in {self.seconds:.1f}s")
+            lines = self.done_lines()
         if self.published is not None:
             where = self.published.pr_url or self.published.commit_url
             lines.append(logs.published_line(self.published.url, where))
         return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class MergeResult(JobResult):
+    """Where the merged model is and how it was made (``engine``: the engine's report)."""
+
+    engine: EngineReport
+
+    what: ClassVar[str] = "merge"
+
+    def done_lines(self) -> list[str]:
+        if self.output_dir is not None:
+            return [logs.merged_line(self.output_dir, self.seconds)]
+        return [f"merged in {self.seconds:.1f}s"]
 
 
 def prepare(

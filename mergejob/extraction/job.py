@@ -31,11 +31,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mergejob import logs, output, pipeline, recipe, settings
+from mergejob import output, pipeline, recipe, settings
 from mergejob.card import card_spec
 from mergejob.errors import InputError, SpecError
 from mergejob.extraction.card import write_card
@@ -57,38 +57,25 @@ log = logging.getLogger(__name__)
 ENGINE_NAME = "extract"
 
 
-@dataclass
-class ExtractResult:
-    """Where the adapter is, its report, and where it was published."""
+@dataclass(kw_only=True)
+class ExtractResult(pipeline.JobResult):
+    """Where the adapter is, its report (``extraction.json``), and where it was published."""
 
-    output_dir: Path | None
     report: dict[str, Any]
-    files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
-    published: PublishResult | None = None
-    already_finished: bool = False
 
-    def summary(self) -> str:
-        """What a command prints when the job is done."""
-        lines = []
-        if self.already_finished:
-            where = self.output_dir if self.output_dir is not None else "the Hub"
-            lines.append(f"{where} already holds this extraction: nothing to do")
-        else:
-            stats = self.report.get("summary", {})
-            lines.append(
-                f"extracted {stats.get('lora', 0)} LoRA module(s) (rank "
-                f"{stats.get('rank_min')}..{stats.get('rank_max')}, relative error at most "
-                f"{float(stats.get('error_max', 0.0)):.3g}) and {stats.get('full', 0)} whole "
-                f"module(s) in {self.seconds:.1f}s"
-            )
-            if self.output_dir is not None:
-                lines.append(f"adapter written to {self.output_dir}")
-        if self.published is not None:
-            where = self.published.pr_url or self.published.commit_url
-            lines.append(logs.published_line(self.published.url, where))
-        return "\n".join(lines)
+    what: ClassVar[str] = "extraction"
+
+    def done_lines(self) -> list[str]:
+        stats = self.report.get("summary", {})
+        lines = [
+            f"extracted {stats.get('lora', 0)} LoRA module(s) (rank "
+            f"{stats.get('rank_min')}..{stats.get('rank_max')}, relative error at most "
+            f"{float(stats.get('error_max', 0.0)):.3g}) and {stats.get('full', 0)} whole "
+            f"module(s) in {self.seconds:.1f}s"
+        ]
+        if self.output_dir is not None:
+            lines.append(f"adapter written to {self.output_dir}")
+        return lines
 
 
 def resolve_inputs(
