@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,11 +490,12 @@ def choose_sample(names: list[str], touched: set[str], count: int) -> list[str]:
     special = [n for n in changed if any(t in n for t in ("embed", "lm_head", "wte"))]
     n_untouched = min(len(untouched), max(1, count // 6))
     n_changed = max(0, count - n_untouched - len(special))
-    picked = set(special) | set(_spread(changed, n_changed)) | set(_spread(untouched, n_untouched))
+    picked = set(special) | set(spread(changed, n_changed)) | set(spread(untouched, n_untouched))
     return sorted(picked)
 
 
-def _spread(items: list[str], count: int) -> list[str]:
+def spread(items: Sequence[str], count: int) -> list[str]:
+    """``count`` of ``items`` spread evenly over the list (all of them when it is short)."""
     if count <= 0 or not items:
         return []
     if count >= len(items):

@@ -63,6 +63,7 @@ from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import TensorRef, read_header
 from mergejob.io.reader import FileReader
 from mergejob.spec import ExtractSpec, SourceSpec
+from mergejob.verify import spread
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +478,7 @@ def verify_extraction(
                 )
             )
         names = sorted(extracted)
-        chosen = set(names if sample is None else _spread(names, sample))
+        chosen = set(names if sample is None else spread(names, sample))
         for module in names:
             weight = f"{module}.weight"
             covered.add(weight)
@@ -529,15 +530,6 @@ def _file_checks(out: Path, recorded: Mapping[str, str]) -> list[ItemCheck]:
         note = "as the recipe recorded it" if same else "sha256 differs from the recipe's"
         checks.append(ItemCheck(name, "file", same, note))
     return checks
-
-
-def _spread(items: Sequence[str], count: int) -> list[str]:
-    if count <= 0 or not items:
-        return []
-    if count >= len(items):
-        return list(items)
-    step = len(items) / count
-    return [items[int(i * step)] for i in range(count)]
 
 
 def _config_check(
