@@ -261,6 +261,22 @@ def test_delete_downloaded_keeps_a_window_of_shards_in_the_cache(
         watcher.join()
     assert result.output_dir is not None
     assert 0 < peak[0] < total, (peak[0], total)  # never both models whole on disk
+    # The plan's disk figure counts that window, not both models: an upper bound of the
+    # shards held at the peak (the peak also counts the small files: configs, tokenizer).
+    from mergejob.extraction.report import extraction_plan_report
+
+    plan = extraction_plan_report(
+        _spec(tmp_path / "planned", download_workers=1, delete_downloaded=True)
+    )
+    small = sum(
+        p.stat().st_size
+        for side in sides
+        for p in _snapshot(hub_env, f"org/{side}", hub_models["commits"][side]).iterdir()
+        if p.suffix != ".safetensors"
+    )
+    assert plan.download_bytes == pytest.approx(total, rel=1e-3)  # from the headers
+    assert peak[0] - small <= plan.download_window_bytes <= plan.download_bytes
+    assert "a window of" in plan.render()
     for side in sides:  # every shard gone once read; the small files stay
         snapshot = _snapshot(hub_env, f"org/{side}", hub_models["commits"][side])
         assert not [n for n in hub_models["shards"][side] if (snapshot / n).exists()]

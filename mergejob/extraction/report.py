@@ -37,6 +37,7 @@ from mergejob.extraction.svd import (
     uses_randomized,
 )
 from mergejob.extraction.writer import factor_bytes
+from mergejob.fetch import DEFAULT_AHEAD
 from mergejob.io.header_view import header_view
 from mergejob.io.headers import DTYPE_SIZES, file_size, hub_headers
 from mergejob.spec import MergeSpec
@@ -168,6 +169,8 @@ class ExtractionPlanReport:
     adapter_bytes_max: int = 0
     read_bytes: int = 0
     download_bytes: int = 0
+    # With engine.delete_downloaded: the most the streamed shards hold on disk at once.
+    download_window_bytes: int = 0
     disk_bytes: int = 0
     memory_bytes: int = 0
     gpu_bytes: int = 0
@@ -209,7 +212,13 @@ class ExtractionPlanReport:
             "rank, every full module changed)",
             f"reads: {logs.size_text(self.read_bytes)} from both checkpoints"
             + (f"; download {logs.size_text(self.download_bytes)}" if self.download_bytes else ""),
-            f"disk: {logs.size_text(self.disk_bytes)} needed (output, its parts, downloads)",
+            f"disk: {logs.size_text(self.disk_bytes)} needed (output, its parts, downloads"
+            + (
+                f": a window of {logs.size_text(self.download_window_bytes)} of shards, "
+                "--delete-downloaded)"
+                if self.download_window_bytes
+                else ")"
+            ),
             f"memory: {logs.size_text(self.memory_bytes)} RAM"
             + (f", {logs.size_text(self.gpu_bytes)} per GPU" if self.gpu_bytes else "")
             + (
@@ -286,10 +295,13 @@ def plan_report_for(
     device: str,
     workers: int = 1,
     download_bytes: int = 0,
+    download_window_bytes: int = 0,
     strict: bool = False,
     throughput: ExtractThroughput = THROUGHPUT,
 ) -> ExtractionPlanReport:
-    """The plan report of ``plan`` (its problems and notices included)."""
+    """The plan report of ``plan`` (its problems and notices included).
+    ``download_window_bytes``: with ``engine.delete_downloaded``, the most the downloads
+    hold on disk at once (0: they all stay)."""
     settings_ = plan.settings
     on_gpu = device.startswith(("cuda", "auto"))
     report = ExtractionPlanReport(
@@ -304,6 +316,7 @@ def plan_report_for(
         problems=list(plan.problems),
         notices=list(plan.notices),
         download_bytes=download_bytes,
+        download_window_bytes=download_window_bytes,
         strict=strict,
     )
     lines: dict[tuple[str, str, tuple[int, ...], str], ModuleLine] = {}
@@ -345,7 +358,8 @@ def plan_report_for(
     if device.startswith(("cuda", "auto")):
         report.gpu_bytes = report.memory_bytes
     # The parts and the assembled adapter are both on disk before the parts go.
-    report.disk_bytes = 2 * report.adapter_bytes_max + download_bytes
+    on_disk = min(download_bytes, download_window_bytes or download_bytes)
+    report.disk_bytes = 2 * report.adapter_bytes_max + on_disk
     return report
 
 
@@ -367,14 +381,20 @@ def extraction_plan_report(
         ),
     ]
     remote: list[dict[str, dict[str, Any]] | None] = []
-    download = 0
+    download = window = 0
+    engine = spec.engine
+    # A group waits for its files while the others' are fetched ahead (inputs.Downloads):
+    # per model, the shards ahead, one for the checks and one per group read at once.
+    held = DEFAULT_AHEAD + 1 + max(1, engine.workers)
     for source in sources:
         if source.repo_id is None:
             remote.append(None)
             continue
         headers = hub_headers(source.repo_id, source.commit or source.spec.revision, token)
         remote.append(headers)
-        download += sum(file_size(h) for h in headers.values())
+        sizes = [file_size(h) for h in headers.values()]
+        download += sum(sizes)
+        window += min(sum(sizes), held * max(sizes, default=0))
     with (
         header_view(sources[0].local_dir, remote_headers=remote[0]) as base_view,
         header_view(sources[1].local_dir, remote_headers=remote[1]) as tuned_view,
@@ -396,5 +416,6 @@ def extraction_plan_report(
             device=spec.engine.device,
             workers=spec.engine.workers,
             download_bytes=download,
+            download_window_bytes=window if engine.delete_downloaded else 0,
             strict=strict,
         )
