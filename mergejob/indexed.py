@@ -44,6 +44,9 @@ the same :func:`mergejob.pipeline.finish_output` as a local merge: nothing of th
 opening or tail is written twice. ``mergejob run
 --finalize`` runs it alone, e.g. by hand after a Job whose index 0 was given up on.
 
+An extraction split over indices (:mod:`mergejob.extraction.split`: groups instead of
+shards) takes its share, its index arguments, its markers and index 0's wait from here.
+
 Example (pod ``i`` of ``n``)::
 
     from mergejob.indexed import run_index
@@ -59,7 +62,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mergejob import logs, output, settings
 from mergejob.engines.shard_inputs import drop_stale_records
@@ -67,7 +70,14 @@ from mergejob.engines.stream import fetch_options, finalize, stream_report, writ
 from mergejob.engines.worker import worker_devices
 from mergejob.errors import MergeFailedError, SpecError
 from mergejob.io.shards import RECORDS_DIR, assign_runs, assign_shards, read_record, record_holds
-from mergejob.pipeline import MergeResult, StartedJob, finish_output, start_job, start_uploader
+from mergejob.pipeline import (
+    JobResult,
+    MergeResult,
+    StartedJob,
+    finish_output,
+    start_job,
+    start_uploader,
+)
 from mergejob.plan.work import Plan, plan_for_job
 from mergejob.spec import MergeSpec
 
@@ -189,7 +199,7 @@ class IndexReport:
     merged: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
     already_finalized: bool = False
-    result: MergeResult | None = None
+    result: JobResult | None = None  # a merge's, or an extraction's (extraction/split.py)
 
     def summary(self) -> str:
         """What ``mergejob run`` prints for this index."""
@@ -338,9 +348,16 @@ def merge_share(
     return merged, resumed
 
 
+class Planned(Protocol):
+    """What the markers are matched on: a merge's plan, or an extraction's."""
+
+    @property
+    def plan_id(self) -> str: ...
+
+
 def wait_for_indexes(
     partial: Path,
-    plan: Plan,
+    plan: Planned,
     count: int,
     *,
     poll_seconds: float = 2.0,

@@ -6,7 +6,11 @@ them, and the first group is written before the last shard of either model has a
 adapter is byte for byte the one extracted from both models on disk; the plan id and the
 recipe's inputs are those of a whole download, so a rerun recognises the finished output
 without downloading a shard; a failed download stops the job with a line naming the file and
-keeps the finished groups, which the rerun resumes.
+keeps the finished groups, which the rerun resumes. The checks before the first group read
+what they compare by HTTP range requests, no whole shard: on a Qwen2 (q/k/v biases in every
+layer) the first group is still written before the last shard of either model arrives, only
+the compared tensors are requested, a refusal comes before any whole shard, and a tensor so
+read is the file's bytes (a cut request tried again).
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ import json
 import shutil
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from huggingface_hub import HfApi, snapshot_download
 
 import mergejob
 from mergejob import output, recipe
-from mergejob.errors import MergeFailedError
+from mergejob.errors import InputError, MergeFailedError
+from mergejob.extraction.inputs import open_inputs
 from mergejob.extraction.job import resolve_inputs
 from mergejob.extraction.plan import plan_extraction
 from mergejob.fetch import cache_bytes
@@ -305,3 +312,257 @@ def test_extract_takes_the_download_flags_of_merge() -> None:
     flags = ["--download-workers", "2", "--delete-downloaded"]
     spec = spec_of(build_parser().parse_args([*argv, *flags]))
     assert spec.engine.download_workers == 2 and spec.engine.delete_downloaded is True
+
+
+# ---------------------------------------------------------------------------------------
+# The checks before the first group: range reads of the tensors they compare
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _upload(hub: SeededHubServer, folders: dict[str, Path]) -> dict[str, str]:
+    """Each folder as the private repo ``org/<name>``; its commit."""
+    api = HfApi(token=hub.alice_token)
+    commits = {}
+    for name, folder in folders.items():
+        api.create_repo(f"org/{name}", private=True)
+        commits[name] = api.upload_folder(repo_id=f"org/{name}", folder_path=folder).oid
+    hub.clear_requests()
+    return commits
+
+
+@pytest.fixture
+def qwen2_hub(
+    hub_env: SeededHubServer, models: ModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """Private org/qbase (Qwen2: q/k/v biases in every layer) and org/qtuned, whose q/k/v
+    weights and biases changed (so the biases are carried, and every bias-less LoRA layer's
+    weight is compared before the first group), several shards each. The token comes from
+    ``HF_TOKEN``."""
+    base = models.base(family="qwen2", max_shard_size=SHARD)
+    tuned = models.finetune(base, modules=QKV, biases=True, rows_only=True, max_shard_size=SHARD)
+    folders = {"qbase": base, "qtuned": tuned}
+    commits = _upload(hub_env, folders)
+    shards = {name: CheckpointIndex.from_folder(folder).shards for name, folder in folders.items()}
+    assert all(len(s) >= 4 for s in shards.values()), shards
+    monkeypatch.setenv("HF_TOKEN", hub_env.alice_read_token)
+    return {"folders": folders, "commits": commits, "shards": shards}
+
+
+def _repo_file(path: str) -> tuple[str, str] | None:
+    """``(repo, file)`` of a ``/<org>/<name>/resolve/<commit>/<file>`` download."""
+    parts = path.split("/")
+    if len(parts) == 6 and parts[3] == "resolve" and parts[5].endswith(".safetensors"):
+        return f"{parts[1]}/{parts[2]}", parts[5]
+    return None
+
+
+def _ranges(hub: SeededHubServer) -> dict[tuple[str, str], list[int]]:
+    """The bytes of each range read (206) by file, headers' reads included."""
+    found: dict[tuple[str, str], list[int]] = {}
+    for r in hub.requests:
+        key = _repo_file(r.path)
+        if r.method == "GET" and r.status == 206 and key is not None:
+            found.setdefault(key, []).append(r.bytes_out)
+    return found
+
+
+def _compared(base: Path, tuned: Path, out: Path) -> list[str]:
+    """What the checks compare, changed biases found: the tensors no LoRA carries, the LoRA
+    layers' biases and the weights of the LoRA layers without one (none changed here)."""
+    plan = plan_extraction(_spec(out, str(base), str(tuned)).extract, base, tuned)
+    names = [*plan.checks, *(n for m in plan.modules for n in m.checks)]
+    names += [m.bias for m in plan.modules if m.bias]
+    names += [m.weight for m in plan.decomposed if m.bias is None and m.weight]
+    assert any(n.endswith("q_proj.bias") for n in names)
+    assert any(n.endswith("o_proj.weight") for n in names)
+    assert any(n.endswith("down_proj.weight") for n in names)
+    return names
+
+
+def _header_reads(folder: Path, name: str) -> list[int]:
+    """The two range reads of a shard's header: its length, then its JSON."""
+    from mergejob.io.headers import read_header
+
+    return [8, read_header(folder / name).length]
+
+
+def test_the_checks_read_the_compared_tensors_by_range_requests_not_whole_shards(
+    hub_env: SeededHubServer, qwen2_hub: dict[str, Any], tmp_path: Path
+) -> None:
+    folders, shards = qwen2_hub["folders"], qwen2_hub["shards"]
+    local = mergejob.extract(
+        _spec(tmp_path / "local", str(folders["qbase"]), str(folders["qtuned"]))
+    )
+    assert local.output_dir is not None
+    config = json.loads((local.output_dir / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True  # the changed biases are carried
+    hub_env.clear_requests()
+    out = tmp_path / "hub"
+    records = output.partial_dir_for(out) / RECORDS_DIR
+    last = {
+        side: _snapshot(hub_env, f"org/{side}", qwen2_hub["commits"][side]) / shards[side][-1]
+        for side in ("qbase", "qtuned")
+    }
+    total = sum(
+        (folders[side] / name).stat().st_size
+        for side in ("qbase", "qtuned")
+        for name in shards[side]
+    )
+    # About 3 s for both models on this link, one file at a time.
+    hub_env.link.download_bytes_per_second = total / 3.0
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            if "part" not in seen and any(records.rglob("*.json")):
+                seen["part"] = now
+            for side, path in last.items():
+                if side not in seen and path.exists():
+                    seen[side] = now
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = mergejob.extract(_spec(out, "org/qbase", "org/qtuned", download_workers=1))
+    finally:
+        stop.set()
+        watcher.join()
+        hub_env.link.download_bytes_per_second = None
+    assert result.output_dir is not None
+    # Every bias in both models is compared, and with the biases changed every bias-less
+    # LoRA layer's weight: the first group is written before the last shard of either model.
+    assert {"part", "qbase", "qtuned"} <= set(seen), seen
+    assert seen["part"] < seen["qbase"] and seen["part"] < seen["qtuned"], seen
+    _same_adapter(local.output_dir, result.output_dir)
+    # The range reads: each shard's header (two), then only the compared tensors, each
+    # once, whole (those of a shard already on disk were read there); the tensors of the
+    # last shards, never on disk before the first group, all by range requests.
+    compared = _compared(folders["qbase"], folders["qtuned"], tmp_path / "planned")
+    ranges = _ranges(hub_env)
+    for side in ("qbase", "qtuned"):
+        index = CheckpointIndex.from_folder(folders[side])
+        for name in shards[side]:
+            got = sorted(ranges.get((f"org/{side}", name), []))
+            tensors = [index.tensors[n].nbytes for n in compared if index.tensors[n].shard == name]
+            allowed = Counter([*_header_reads(folders[side], name), *tensors])
+            assert not Counter(got) - allowed, (side, name, got, allowed)
+            if name == shards[side][-1]:
+                assert Counter(got) == allowed, (side, name)
+    # Each shard downloaded once, whole, besides.
+    served = {
+        key: n
+        for key, n in (
+            (_repo_file(r.path), r.bytes_out)
+            for r in hub_env.requests
+            if r.method == "GET" and r.status == 200
+        )
+        if key is not None
+    }
+    assert served == {
+        (f"org/{side}", name): (folders[side] / name).stat().st_size
+        for side in ("qbase", "qtuned")
+        for name in shards[side]
+    }
+
+
+def test_a_refusal_comes_before_a_whole_shard_is_downloaded(
+    hub_env: SeededHubServer, models: ModelFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every layer of a Qwen2 changed, its q/k/v biases too (a full fine-tune): the first
+    bias-less LoRA layer compared has changed, so PEFT's lora_bias cannot carry the biases.
+    The refusal reads the biases and that one weight, by range requests: no whole shard."""
+    # Shards a few times a layer's weight, as a real model's are (30 layers' worth there).
+    base = models.base(family="qwen2", max_shard_size="100KB")
+    every = (*QKV, "o_proj", "gate_proj", "up_proj", "down_proj")
+    blocked = models.finetune(
+        base, modules=every, biases=True, rows_only=True, max_shard_size="100KB"
+    )
+    with pytest.raises(InputError) as local:
+        mergejob.extract(_spec(tmp_path / "local", str(base), str(blocked)))
+    folders = {"rbase": base, "rblocked": blocked}
+    commits = _upload(hub_env, folders)
+    monkeypatch.setenv("HF_TOKEN", hub_env.alice_read_token)
+    shards = {name: CheckpointIndex.from_folder(folder).shards for name, folder in folders.items()}
+    snapshots = [_snapshot(hub_env, f"org/{side}", commits[side]) for side in folders]
+    # About 2 s a shard on this link.
+    smallest = min((folders[s] / n).stat().st_size for s in folders for n in shards[s])
+    hub_env.link.download_bytes_per_second = smallest / 2.0
+    try:
+        with pytest.raises(InputError) as refused:
+            mergejob.extract(_spec(tmp_path / "hub", "org/rbase", "org/rblocked"))
+        on_disk = [p.name for s in snapshots for p in s.glob("*.safetensors")]
+    finally:
+        hub_env.link.download_bytes_per_second = None
+    assert on_disk == [], on_disk
+    message = str(refused.value)
+    assert "cannot take one (it has no bias in the base)" in message
+    assert message.split(": ", 1)[1] == str(local.value).split(": ", 1)[1]
+    # The range reads: the headers, the biases, and the first bias-less weight compared.
+    plan = plan_extraction(_spec(tmp_path / "x", str(base), str(blocked)).extract, base, blocked)
+    first = next(m for m in plan.decomposed if m.bias is None and m.weight)
+    assert f"the changed LoRA layer {first.module} cannot" in message
+    assert first.weight is not None
+    index = CheckpointIndex.from_folder(base)
+    wanted = [n for n in index.tensors if n.endswith(".bias")] + [first.weight]
+    ranges = _ranges(hub_env)
+    for side in folders:
+        tensors = CheckpointIndex.from_folder(folders[side]).tensors
+        for name in shards[side]:
+            got = Counter(ranges.get((f"org/{side}", name), []))
+            want = [tensors[n].nbytes for n in wanted if tensors[n].shard == name]
+            assert got == Counter([*_header_reads(folders[side], name), *want]), (side, name)
+
+
+def test_a_tensor_read_by_a_range_request_is_the_files_bytes(
+    hub_env: SeededHubServer, qwen2_hub: dict[str, Any], tmp_path: Path
+) -> None:
+    """Every tensor of both models read alone from the Hub (none on disk) is byte for byte
+    the file's; a range read whose connection is cut is tried again."""
+    from safetensors.torch import load_file
+
+    from mergejob.extraction.inputs import StreamedTensors
+
+    spec = _spec(tmp_path / "out", "org/qbase", "org/qtuned")
+    inputs = open_inputs(spec.base, spec.extract.finetuned, token=hub_env.alice_read_token)
+    source = StreamedTensors(inputs.streams, lambda path: False, token=hub_env.alice_read_token)
+    folders = qwen2_hub["folders"]
+    first = qwen2_hub["shards"]["qbase"][0]
+    # The first tensor read of the base's first shard is cut (the header reads were before).
+    hub_env.drop(f"/org/qbase/.*{first}", method="GET", where="response", after_bytes=10)
+    hub_env.clear_requests()
+    count = 0
+    for stream, side in zip(inputs.streams, ("qbase", "qtuned"), strict=True):
+        assert stream is not None
+        want = {
+            name: tensor
+            for shard in qwen2_hub["shards"][side]
+            for name, tensor in load_file(str(folders[side] / shard)).items()
+        }
+        assert set(stream.index.tensors) == set(want)
+        for name, ref in stream.index.tensors.items():
+            got = source.tensor(ref)
+            assert got.dtype == want[name].dtype and got.shape == want[name].shape, name
+            assert (
+                got.reshape(-1).view(torch.uint8).equal(want[name].reshape(-1).view(torch.uint8))
+            ), name
+            count += 1
+    assert source.range_reads == count
+    assert not [p for s in inputs.streams if s for p in Path(s.folder).glob("*.safetensors")]
+    cut = [r for r in hub_env.requests if r.fault == "drop"]
+    assert len(cut) == 1 and first in cut[0].path
+    # Cut three times (every try): one line naming the file and the tensor.
+    hub_env.drop(f"/org/qbase/.*{first}", method="GET", where="response", after_bytes=10, times=3)
+    base = inputs.streams[0]
+    assert base is not None
+    ref = next(r for r in base.index.tensors.values() if r.shard == first)
+    with pytest.raises(MergeFailedError) as failed:
+        source.tensor(ref)
+    message = str(failed.value)
+    assert message.startswith(f"org/qbase/{first}@"), message
+    assert f"reading {ref.name} by an HTTP range request failed" in message
+    assert "rerun" in message and "\n" not in message

@@ -108,8 +108,9 @@ def test_run_runs_an_extract_spec_and_merge_refuses_it(
     assert code == 0, err
     assert "extracted 8 LoRA module(s)" in out
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    code, _, err = run_cli("run", "--config", spec, "--index-count", 2, "--index", 0)
-    assert code == 2 and "an extraction runs in one pod" in err
+    # Split over indices (tests/test_extract_indexed.py): the index arguments still checked.
+    code, _, err = run_cli("run", "--config", spec, "--index-count", 2)
+    assert code == 2 and "give this worker's index too" in err
 
 
 def test_extract_takes_a_spec_file_and_flags_override_it(
@@ -158,7 +159,7 @@ def test_plan_of_an_extraction_shows_modules_ranks_memory_disk_and_time(
     assert code == 2 and "larger than the smaller dimension" in out
 
 
-def test_render_ships_the_extract_spec_and_refuses_a_split(
+def test_render_ships_the_extract_spec(
     pair: tuple[Path, Path], run_cli: CLI, tmp_path: Path
 ) -> None:
     base, tuned = pair
@@ -169,8 +170,6 @@ def test_render_ships_the_extract_spec_and_refuses_a_split(
     shipped = yaml.safe_load(config_map["data"]["config.yaml"])
     assert shipped["extract"] == {"finetuned": {"path": str(tuned)}}
     assert "adapters" not in shipped
-    code, _, err = run_cli("render", "--config", spec, "--workers", 2, "--cache-pvc", "c")
-    assert code == 2 and "an extraction (a spec with an extract: section) runs in one pod" in err
 
 
 # ---------------------------------------------------------------------------------------

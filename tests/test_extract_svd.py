@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mergejob.extraction.svd import (
+    EPS32,
     RankRule,
     choose_rank,
     decompose,
@@ -100,7 +101,14 @@ def large(name: str) -> torch.Tensor:
     return update + torch.randn(2048, 5632, generator=generator) * 2e-4
 
 
-@pytest.mark.parametrize("name", [*SPECTRA, "noise-2048x5632", "finetune-2048x5632"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *SPECTRA,
+        pytest.param("noise-2048x5632", marks=pytest.mark.slow),
+        pytest.param("finetune-2048x5632", marks=pytest.mark.slow),
+    ],
+)
 def test_the_randomized_svd_is_as_close_to_the_optimum_as_fp32_can_tell(name: str) -> None:
     """Against the Eckart-Young optimum (fp64 singular values of the fp32 ΔW), the error of
     the factors is at most one fp32 ulp of the error above it. Where fp32 rounding of ΔW itself
@@ -155,7 +163,9 @@ def test_an_exact_low_rank_delta_keeps_its_rank_not_the_rounding_noise() -> None
     assert numerical_rank(dec) == 4
     assert choose_rank(dec, RankRule(max_rank=32)) == 4
     b, a = factors(dec, 4)
-    assert measured(delta, b, a) < 1e-6
+    # LAPACK's backward error: about sqrt(n) fp32 epsilons of ‖ΔW‖ (1.1e-6 measured with the
+    # one-thread SVD, 7.4e-7 with two threads: the rounding order differs).
+    assert measured(delta, b, a) < math.sqrt(M) * EPS32
 
 
 def test_min_energy_gives_the_smallest_rank_that_keeps_the_fraction() -> None:

@@ -6,7 +6,6 @@ completionMode and the per-index fields, so the Job runs as a plain Job of N com
 from __future__ import annotations
 
 import filecmp
-import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from kubernetes import client as k8s
 
 from mergejob.launch.manifests import to_dict
 from tests.support.kube.cluster import LocalCluster
-from tests.support.kube.kubelet import FakeKubelet
+from tests.support.kube.kubelet import FakeKubelet, IndicesInOrder
 from tests.support.kustomize import RBAC_KINDS, differences, kustomize, normalise, render_command
 from tests.support.models import ModelFactory
 
@@ -105,16 +104,9 @@ def test_indexed_job_runs_end_to_end_on_a_real_api_server(
     base = models.base()
     adapter = models.adapter(base)
     # 1.20 has no Indexed Jobs: the stand-in hands out indices in the order pods appear.
-    counter = itertools.count()
-    seen: dict[str, int] = {}
-
-    def index_of(pod: k8s.V1Pod) -> int:
-        name = str(pod.metadata.name)
-        if name not in seen:
-            seen[name] = next(counter)
-        return seen[name]
-
-    kubelet.completion_index = index_of
+    indices = IndicesInOrder()
+    kubelet.completion_index = indices
+    seen = indices.seen
     out = tmp_path / "out"
     cluster = ["--kubeconfig", str(kube_cluster.kubeconfig_path), "-n", ns]
     code, stdout, stderr = run_cli(

@@ -59,9 +59,9 @@ _WORKERS_HELP = "worker processes on the CPU (stream engine; an extraction's lay
 # On render and submit --workers N counts the pods of an Indexed Job (LaunchOptions.workers),
 # not the spec's engine.workers, which every pod would multiply by N.
 _PODS_HELP = (
-    "split the merge over N pods of an Indexed Job (stream engine; the output on a "
-    "ReadWriteMany --cache-pvc they share); with --local, N processes here. Each pod runs one "
-    "worker per visible GPU (--device cuda)"
+    "split the merge (stream engine) or the extraction over N pods of an Indexed Job (the "
+    "output on a ReadWriteMany --cache-pvc they share); with --local, N processes here. Each "
+    "pod runs one worker per visible GPU (--device cuda)"
 )
 
 

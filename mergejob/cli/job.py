@@ -49,26 +49,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="check the job and print its plan; merge nothing",
     )
-    split = run.add_argument_group("one index of a merge split over workers (Indexed Job)")
+    split = run.add_argument_group(
+        "one index of a merge or extraction split over workers (Indexed Job)"
+    )
     split.add_argument(
         "--index",
         type=int,
         metavar="I",
-        help="merge only the shards of index I (default: $JOB_COMPLETION_INDEX, which an "
-        "Indexed Job sets); index 0 then waits for the others and finalises",
+        help="merge only the shards (extract only the groups) of index I (default: "
+        "$JOB_COMPLETION_INDEX, which an Indexed Job sets); index 0 then waits for the "
+        "others and finalises",
     )
     split.add_argument(
         "--index-count",
         type=int,
         metavar="N",
         help="the number of indices (default: $MERGEJOB_INDEX_COUNT); without it, one "
-        "process merges everything",
+        "process does everything",
     )
     split.add_argument(
         "--finalize",
         action="store_true",
         help="only the finalising step: check every shard record, write the index, config, "
-        "tokenizer, card and recipe, commit (idempotent)",
+        "tokenizer, card and recipe, commit (idempotent; an extraction: redo any missing "
+        "group, then the same)",
     )
     run.set_defaults(func=cmd_run)
 
@@ -168,10 +172,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return print_plan(spec, as_json=False, token=token)
     split = args.finalize or args.index is not None or args.index_count is not None
-    if spec.task == "extract":
-        return run_extract(spec, token, split=split, config=config)
     if split or settings.index_variables()[1]:
         return run_split(args, spec, token, config=config)
+    if spec.task == "extract":
+        return run_extract(spec, token, config=config)
     from mergejob.pipeline import merge  # torch: only for a command that merges
 
     result = merge(spec, token=token, recorded_inputs=recorded_inputs_of(config))
@@ -179,13 +183,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_extract(spec: MergeSpec, token: str | None, *, split: bool, config: str | None) -> int:
-    """``mergejob run`` of a spec with an ``extract:`` section: one process extracts it."""
-    if split or settings.index_variables()[1]:
-        raise SpecError(
-            "--index/--index-count/--finalize: an extraction runs in one pod (its spec has an "
-            "extract: section); submit it without --workers"
-        )
+def run_extract(spec: MergeSpec, token: str | None, *, config: str | None) -> int:
+    """``mergejob run`` of a spec with an ``extract:`` section: one process extracts it
+    (with ``--finalize``, what the indices left is resumed and the adapter finished)."""
     from mergejob.extraction.job import extract  # torch: only for a command that works
 
     result = extract(spec, token=token, recorded_inputs=recorded_inputs_of(config))
@@ -197,10 +197,13 @@ def run_split(
     args: argparse.Namespace, spec: MergeSpec, token: str | None, *, config: str | None = None
 ) -> int:
     """``mergejob run --index I --index-count N`` (or ``--finalize``): one index of a merge
-    split over workers, see :mod:`mergejob.indexed`. ``config``: the spec file read, whose
-    recorded inputs (a recipe's) the job is checked against, as a plain run is."""
+    split over workers, see :mod:`mergejob.indexed`, or of an extraction
+    (:mod:`mergejob.extraction.split`). ``config``: the spec file read, whose recorded
+    inputs (a recipe's) the job is checked against, as a plain run is."""
     from mergejob import indexed  # torch: only for a command that merges
 
+    if args.finalize and spec.task == "extract":
+        return run_extract(spec, token, config=config)
     env_index, env_count = indexed.index_from_env()
     index = args.index if args.index is not None else env_index
     count = args.index_count if args.index_count is not None else env_count
@@ -210,9 +213,16 @@ def run_split(
         print(result.summary() if result else "already finalised: nothing to do")
         return EXIT_OK
     index, count = indexed.check_index_args(index, count)
-    report = indexed.run_index(
-        spec, index=index, count=count, token=token, recorded_inputs=recorded
-    )
+    if spec.task == "extract":
+        from mergejob.extraction.split import run_extract_index
+
+        report = run_extract_index(
+            spec, index=index, count=count, token=token, recorded_inputs=recorded
+        )
+    else:
+        report = indexed.run_index(
+            spec, index=index, count=count, token=token, recorded_inputs=recorded
+        )
     print(report.summary())
     return EXIT_OK
 
@@ -249,7 +259,9 @@ def print_plan(
     if spec.task == "extract":
         from mergejob.extraction.report import extraction_plan_report
 
-        extraction = extraction_plan_report(spec, token=token, strict=strict)
+        extraction = extraction_plan_report(
+            spec, token=token, strict=strict, index_count=index_count
+        )
         print(json.dumps(extraction.to_dict(), indent=2) if as_json else extraction.render())
         return EXIT_OK if extraction.ok else EXIT_BAD_INPUT
     report = plan_report(spec, token=token, strict=strict, index_count=index_count)

@@ -15,5 +15,6 @@ publishes):
   ``mergejob plan`` prints; :mod:`~mergejob.extraction.card`: the model card;
 - :mod:`~mergejob.extraction.inputs`: both models, a Hub one streamed shard by shard in the
   order the groups read them (:mod:`mergejob.fetch`), with the engine's gate;
-- :mod:`~mergejob.extraction.job`: the job, top to bottom (``mergejob.extract(spec)``).
+- :mod:`~mergejob.extraction.job`: the job, top to bottom (``mergejob.extract(spec)``);
+- :mod:`~mergejob.extraction.split`: one index of an extraction split over an Indexed Job.
 """

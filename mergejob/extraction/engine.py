@@ -26,7 +26,9 @@ randomized sketch has its own seed, and LAPACK runs on one thread
 
 ``gate(paths)`` is the hook for inputs still arriving (a streamed Hub model): it is called
 in this process with the files a step is about to read and returns once they are whole on
-disk (or raises, which stops the job). See :func:`run_extraction`.
+disk (or raises, which stops the job); ``peek`` (a :class:`TensorSource`) is where the
+checks read what they compare, a streamed model's tensors by HTTP range requests, so the
+checks wait for no shard. See :func:`run_extraction`.
 
 Example::
 
@@ -44,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -87,6 +89,17 @@ class ExtractionOutcome:
 
 # The input gate: returns once the files given are whole on disk (or raises).
 Gate = Callable[[Sequence[Path]], None]
+
+
+class TensorSource(Protocol):
+    """Where the checks before the groups read what they compare (``run_extraction``'s
+    ``peek``): a :class:`~mergejob.io.reader.FileReader`, or a streamed input's source that
+    reads a tensor of a file not yet whole on disk by one HTTP range request
+    (:class:`mergejob.extraction.inputs.StreamedTensors`)."""
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor: ...
+
+
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -117,9 +130,16 @@ def run_extraction(
     workers: int = 1,
     progress: ProgressCallback | None = None,
     gate: Gate | None = None,
+    groups: Sequence[int] | None = None,
+    peek: TensorSource | None = None,
 ) -> ExtractionOutcome:
     """Extract every group of ``plan`` into part files in ``partial`` (resuming the finished
     ones) and return the parts and report rows, in group order.
+
+    ``groups`` (positions in ``plan.groups``): only those (an index's share of an Indexed
+    Job, :mod:`mergejob.extraction.split`); the outcome's parts, rows and ``resumed`` are
+    then those groups' only, and a share in which nothing changed is no error (the caller
+    that gathers every group checks that). The checks before the groups run all the same.
 
     ``device``: see :func:`devices_for`. ``workers`` N > 1 on the CPU: N spawned processes
     with ``cores // N`` torch threads each, groups handed out in plan order as they free up;
@@ -128,14 +148,19 @@ def run_extraction(
     this process as each group is finished (default: a log line ``mergejob status`` reads).
 
     ``gate(paths)`` (optional) is called in this process, never in a worker, with the input
-    files a step is about to read: the base's and the fine-tune's files of the tensors the
-    undecomposable check compares (the checked tensors and the LoRA layers' biases) before
-    that check, then, for each group not finished yet in plan order, the files of its
-    tensors before the group is extracted here or handed to a worker (so never more than a
-    group per worker ahead). It must return only once those files are whole on disk, and
+    files a step is about to read: without ``peek``, the base's and the fine-tune's files of
+    the tensors the undecomposable check compares (the checked tensors and the LoRA layers'
+    biases, then any weight the bias decision reads) before that check; for each group not
+    finished yet in plan order, the files of its tensors before the group is extracted here
+    or handed to a worker (so never more than a group per worker ahead). It must return only once those files are whole on disk, and
     may raise (the job stops with that error). Groups are taken in plan order, the order
     their bytes lie in the base's shards, so a gate fed by downloads in that order holds
     the extraction only as long as the next files are missing.
+
+    ``peek`` (optional): where the checks read the tensors they compare, in this process
+    (default: the files, through the engine's reader); the checks then call no gate. A
+    streamed input's (:class:`~mergejob.extraction.inputs.StreamedTensors`) reads a tensor of
+    a file still downloading by an HTTP range request, so the checks need no whole shard.
     """
     started = time.monotonic()
     devices = devices_for(device)
@@ -151,32 +176,36 @@ def run_extraction(
                  workers, len(devices))  # fmt: skip
     reader = FileReader()
     try:
-        if gate is not None:
+        if peek is None and gate is not None:
             checked = list(plan.checks) + [
                 n for m in plan.modules for n in (*m.checks, *([m.bias] if m.bias else []))
             ]
             if checked:
                 gate(input_files(plan, checked))
-        dropped = _check_undecomposable(plan, reader, gate)
-        groups = plan.groups
+        if peek is None:
+            dropped = _check_undecomposable(plan, reader, gate)
+        else:  # the source reads what is not on disk yet: no gate
+            dropped = _check_undecomposable(plan, peek)
+        everything = plan.groups
+        mine = range(len(everything)) if groups is None else sorted(set(groups))
         todo: list[int] = []
         resumed = 0
-        for index, _ in enumerate(groups):
+        for index in mine:
             name = part_name(index)
             if record_holds(partial, read_record(partial, name), plan.plan_id):
                 resumed += 1
             else:
                 todo.append(index)
         if resumed:
-            log.info("resuming: %d of %d groups are done already", resumed, len(groups))
-        counter = _Counter(len(groups), resumed, progress)
+            log.info("resuming: %d of %d groups are done already", resumed, len(mine))
+        counter = _Counter(len(mine), resumed, progress)
 
         def opened(index: int) -> None:
             if gate is not None:
-                gate(group_files(plan, groups[index]))
+                gate(group_files(plan, everything[index]))
 
         def finished(index: int) -> None:
-            counter.done(_group_label(groups[index]))
+            counter.done(_group_label(everything[index]))
 
         if workers > 1 and not gpu and len(todo) > 1:
             from mergejob.extraction.workers import run_processes  # spawns: only when asked
@@ -189,13 +218,13 @@ def run_extraction(
                 task=_worker_group,
                 before=opened,
                 done=finished,
-                label=lambda i: f"group {i}, {_group_label(groups[i])}",
+                label=lambda i: f"group {i}, {_group_label(everything[i])}",
             )
         else:
             _run_threads(plan, partial, todo, devices, reader, opened, finished)
     finally:
         reader.close()
-    parts = [partial / part_name(i) for i in range(len(groups))]
+    parts = [partial / part_name(i) for i in mine]
     rows = [row for part in parts for row in read_part(part)[1]]
     outcome = ExtractionOutcome(
         parts=parts,
@@ -204,7 +233,7 @@ def run_extraction(
         resumed=resumed,
         seconds=time.monotonic() - started,
     )
-    if not outcome.extracted:
+    if groups is None and not outcome.extracted:
         raise InputError(
             f"{plan.tuned_dir}: every extracted tensor equals the base's "
             f"({len(rows)} modules compared): the fine-tuned model is the base itself (or "
@@ -321,15 +350,16 @@ def _group_label(group: Sequence[ModuleWork]) -> str:
 
 
 def _check_undecomposable(
-    plan: ExtractionPlan, reader: FileReader, gate: Gate | None = None
+    plan: ExtractionPlan, source: TensorSource, gate: Gate | None = None
 ) -> list[str]:
     """Compare what a LoRA may not carry, decide ``plan.lora_bias``, and return what
-    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2). ``gate``:
-    as :func:`run_extraction`'s, for the weights the bias decision reads beyond the
-    tensors the caller gated already."""
+    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2). ``source``:
+    where the compared tensors are read (``run_extraction``'s ``peek``, or its reader);
+    ``gate``: as :func:`run_extraction`'s, for the weights the bias decision reads beyond
+    the tensors the caller gated already (None with a source that needs no gate)."""
     names = list(plan.checks) + [n for m in plan.modules for n in m.checks]
-    changed = [n for n in names if not _equal(reader, plan.base[n], plan.tuned[n])]
-    biases, blocker = _bias_decision(plan, reader, gate)
+    changed = _changed(source, plan, names)
+    biases, blocker = _bias_decision(plan, source, gate)
     refused = changed + (biases if blocker else [])
     if refused and not plan.settings.skip_undecomposable:
         reasons = []
@@ -356,24 +386,20 @@ def _check_undecomposable(
 
 
 def _bias_decision(
-    plan: ExtractionPlan, reader: FileReader, gate: Gate | None = None
+    plan: ExtractionPlan, source: TensorSource, gate: Gate | None = None
 ) -> tuple[list[str], str | None]:
     """Set ``plan.lora_bias``: whether a LoRA layer's bias changed and every changed LoRA
     layer can take a ``lora_B`` bias. Returns the changed biases and the first changed layer
     that cannot take one (None when every one can). Reads the biases, and only when one
     changed, the weights of the layers without one (stopping at the first that changed)."""
-    biases = [
-        m.bias
-        for m in plan.modules
-        if m.bias is not None and not _equal(reader, plan.base[m.bias], plan.tuned[m.bias])
-    ]
+    biases = _changed(source, plan, [m.bias for m in plan.modules if m.bias is not None])
     blocker = None
     for m in plan.decomposed if biases else ():
         if m.bias is not None or m.weight is None:
             continue
         if gate is not None:  # a streamed input: this weight's files may not be here yet
             gate(input_files(plan, [m.weight]))
-        if not _equal(reader, plan.base[m.weight], plan.tuned[m.weight]):
+        if not _equal(source, plan.base[m.weight], plan.tuned[m.weight]):
             blocker = m.module
             break
     plan.lora_bias = bool(biases) and blocker is None
@@ -387,16 +413,30 @@ def _no_bias_reason(plan: ExtractionPlan, module: str) -> str:
     return "it has no bias in the base"
 
 
-def _carries_bias(plan: ExtractionPlan, reader: FileReader) -> bool:
+def _carries_bias(plan: ExtractionPlan, source: TensorSource) -> bool:
     """``plan.lora_bias``, decided here if :func:`_check_undecomposable` has not (the
     decision depends on the input files only, so any process reaches the same)."""
     if plan.lora_bias is None:
-        _bias_decision(plan, reader)
+        _bias_decision(plan, source)
     return bool(plan.lora_bias)
 
 
-def _equal(reader: FileReader, base: TensorRef, tuned: TensorRef) -> bool:
-    a, b = reader.tensor(base), reader.tensor(tuned)
+# The checks' small tensors are compared this many at a time: a streamed input's are HTTP
+# range requests, a round trip each (hundreds of biases in a large model).
+_CHECK_THREADS = 8
+
+
+def _changed(source: TensorSource, plan: ExtractionPlan, names: Sequence[str]) -> list[str]:
+    """The tensors of ``names`` that differ between the models, in their order."""
+    if len(names) <= 1:
+        return [n for n in names if not _equal(source, plan.base[n], plan.tuned[n])]
+    with ThreadPoolExecutor(min(_CHECK_THREADS, len(names))) as pool:
+        same = list(pool.map(lambda n: _equal(source, plan.base[n], plan.tuned[n]), names))
+    return [n for n, equal in zip(names, same, strict=True) if not equal]
+
+
+def _equal(source: TensorSource, base: TensorRef, tuned: TensorRef) -> bool:
+    a, b = source.tensor(base), source.tensor(tuned)
     if a.dtype == b.dtype:  # bytes: NaN == NaN, -0.0 != 0.0, as the files hold them
         return bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
     if a.is_floating_point() and b.is_floating_point():

@@ -13,7 +13,11 @@ commit's snapshot), at the offsets of the real file.
 groups read them, base and fine-tuned interleaved, ``engine.download_workers`` at a time,
 and its :meth:`~Downloads.gate` (the engine calls it before a group reads its files) holds
 a group until its own files are on disk: the first group starts after its two shards, not
-after both models. A finished group's files are not fetched on a rerun. With
+after both models. The checks before the first group (the LoRA layers' biases, the tensors
+no LoRA carries, with a changed bias the bias-less LoRA layers' weights until one changed)
+wait for no shard: they read each tensor they compare through :attr:`Downloads.peek`
+(:class:`StreamedTensors`), from its file when that is whole on disk, else its bytes alone
+by one HTTP range request. A finished group's files are not fetched on a rerun. With
 ``engine.delete_downloaded`` a shard this job downloaded leaves the cache once every group
 that reads it is written (at most a few shards ahead are on disk and not yet used).
 
@@ -26,7 +30,7 @@ Example::
     inputs = open_inputs(spec.base, spec.extract.finetuned, token=token)
     plan = inputs.plan(spec.extract)
     with Downloads(plan, partial, inputs, token=token) as downloads:
-        run_extraction(plan, partial, device="cpu", gate=downloads.gate)
+        run_extraction(plan, partial, device="cpu", gate=downloads.gate, peek=downloads.peek)
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergejob import settings
 from mergejob.errors import MergeFailedError, MergeJobError
@@ -57,9 +61,13 @@ from mergejob.fetch import (
 )
 from mergejob.io.digests import FileDigests
 from mergejob.io.header_view import write_sparse_copy
+from mergejob.io.headers import RangeRead, TensorRef, hub_range_reader
 from mergejob.io.shards import read_record, record_holds, record_path
 from mergejob.sources import BASE_PATTERNS, BASE_SMALL_PATTERNS, ResolvedSource, resolve_source
 from mergejob.spec import ExtractSpec, SourceSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +198,95 @@ def _blob_view(stream: StreamedBase) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# A range read that fails is tried again, as a download (ShardFetcher) is: 3 tries in all.
+RANGE_ATTEMPTS = 3
+
+
+class StreamedTensors:
+    """One tensor at a time of the streamed models, for the checks before the groups: from
+    its file when that is whole on disk (``ready(path)``; a local input's file always is),
+    else its bytes alone, by one HTTP range request for the file at the pinned commit (with
+    the token; a failed request tried again, ``RANGE_ATTEMPTS`` in all). The bytes are the
+    file's either way. ``range_reads``/``range_bytes`` count what came by range requests.
+
+    A file read on disk is opened for that read only (a shard deleted once used, with
+    ``engine.delete_downloaded``, is not held open)."""
+
+    def __init__(
+        self,
+        streams: Sequence[StreamedBase | None],
+        ready: Callable[[str], bool],
+        *,
+        token: str | None = None,
+        attempts: int = RANGE_ATTEMPTS,
+    ) -> None:
+        self._ready = ready
+        self._remote: dict[str, tuple[str, RangeRead]] = {
+            stream.path(f.name): (
+                f"{stream.repo_id}/{f.name}@{stream.commit[:12]}",
+                hub_range_reader(
+                    stream.repo_id, f.name, commit=stream.commit, token=token, attempts=attempts
+                ),
+            )
+            for stream in streams
+            if stream is not None
+            for f in stream.files
+        }
+        self._lock = threading.Lock()
+        self.range_reads = 0
+        self.range_bytes = 0
+
+    def tensor(self, ref: TensorRef) -> torch.Tensor:
+        """``ref``'s tensor (a fresh CPU tensor of its dtype and shape)."""
+        import torch
+
+        from mergejob.io.reader import FileReader
+
+        remote = self._remote.get(ref.path)
+        if remote is None or self._ready(ref.path):
+            reader = FileReader()
+            try:
+                return reader.tensor(ref)
+            finally:
+                reader.close()
+        import httpx2
+
+        where, read = remote
+        try:
+            data = read(ref.offset, ref.offset + ref.nbytes - 1) if ref.nbytes else b""
+        except (OSError, httpx2.TransportError) as exc:
+            raise MergeFailedError(
+                f"{where}: reading {ref.name} by an HTTP range request failed "
+                f"({type(exc).__name__}: {exc}); rerun the job"
+            ) from exc
+        if len(data) != ref.nbytes:
+            raise MergeFailedError(
+                f"{where}: the Hub answered {len(data)} bytes for the {ref.nbytes} bytes of "
+                f"{ref.name} (bytes {ref.offset}-{ref.offset + ref.nbytes - 1}); rerun the job"
+            )
+        with self._lock:
+            self.range_reads += 1
+            self.range_bytes += len(data)
+        log.debug("%s: %s read by a range request (%d bytes)", where, ref.name, len(data))
+        raw = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return raw.view(getattr(torch, ref.dtype)).reshape(ref.shape)
+
+
 class Downloads:
     """The streamed models' shards that the unfinished groups of ``plan`` read, fetched in
-    the order they read them (base and fine-tuned interleaved, ``workers`` at a time), and
-    the gate the engine calls before it reads files (:meth:`gate`).
+    the order they read them (base and fine-tuned interleaved, ``workers`` at a time), the
+    gate the engine calls before a group reads files (:meth:`gate`), and where the checks
+    before the groups read what they compare (:attr:`peek`: no shard waited for).
 
     ``parallel``: how many groups the engine may read at once (its devices or workers),
     for the disk window of ``delete_after_use`` (which never holds back a file a waiting
-    group needs). Leaving the ``with`` block without an error frees what is left; after an
-    error every complete download stays for the rerun.
+    group needs). ``groups``: only those groups' files (an index's share of an Indexed Job;
+    default every group). Leaving the ``with`` block without an error frees what is left;
+    after an error every complete download stays for the rerun.
     """
 
     def __init__(
@@ -211,6 +299,7 @@ class Downloads:
         workers: int = DEFAULT_DOWNLOAD_WORKERS,
         delete_after_use: bool = False,
         parallel: int = 1,
+        groups: Sequence[int] | None = None,
     ) -> None:
         self.plan = plan
         self.partial = Path(partial)
@@ -223,20 +312,17 @@ class Downloads:
             if stream is not None
             for f in stream.files
         }
-        groups = plan.groups
+        everything = plan.groups
         todo = [
             i
-            for i in range(len(groups))
+            for i in (range(len(everything)) if groups is None else groups)
             if not record_holds(self.partial, read_record(self.partial, part_name(i)), plan.plan_id)
         ]
-        reads = {i: [p for p in _group_files(plan, groups[i]) if p in self._where] for i in todo}
-        checks = [p for p in _check_files(plan) if p in self._where]
-        in_order = list(dict.fromkeys(p for i in todo for p in reads[i]))
-        rank = {p: n for n, p in enumerate(in_order)}
-        # The checks come before every group: their files first, in the groups' order.
-        order = list(
-            dict.fromkeys([*sorted(checks, key=lambda p: rank.get(p, len(rank))), *in_order])
-        )
+        reads = {
+            i: [p for p in _group_files(plan, everything[i]) if p in self._where] for i in todo
+        }
+        # The groups' order: the checks before them read through ``peek``, not these files.
+        order = list(dict.fromkeys(p for i in todo for p in reads[i]))
         self._pending = {i: set(reads[i]) for i in todo}
         self._since = {i: _stamp(record_path(self.partial, part_name(i))) for i in todo}
         self._users: Counter[str] = Counter({p: 0 for p in order})
@@ -264,11 +350,7 @@ class Downloads:
                 (sum(1 for p in set(reads[i]) if self._where[p][0] == side) for i in todo),
                 default=0,
             )
-            ahead = (
-                DEFAULT_AHEAD
-                + sum(1 for p in set(checks) if self._where[p][0] == side)
-                + max(1, parallel) * widest
-            )
+            ahead = DEFAULT_AHEAD + max(1, parallel) * widest
             self.fetchers.append(
                 ShardFetcher(
                     stream.repo_id,
@@ -287,6 +369,7 @@ class Downloads:
         )
         self.roles = ROLES
         self.streams = streams
+        self.peek = StreamedTensors(streams, self._on_disk, token=token)
 
     # -- lifecycle
 
@@ -321,7 +404,7 @@ class Downloads:
             with self._lock:
                 now = key not in self._asked and not fetcher.ready(name)
                 self._asked.add(key)
-                if now:  # read beyond what the plan tells (the checks): kept to the end
+                if now:  # beyond what the groups read (checks without peek): kept to the end
                     self._users[key] += 1
             if now:
                 fetcher.fetch_one(name, window=False)
@@ -329,6 +412,13 @@ class Downloads:
                 fetcher.wait(name)
             except MergeJobError as exc:
                 raise self._failure(where[0], exc) from None
+
+    def _on_disk(self, path: str) -> bool:
+        """Whether the streamed file ``path`` is whole on disk (downloaded, or cached)."""
+        where = self._where.get(path)
+        if where is None:
+            return True
+        return self._fetcher(path).ready(where[1]) and Path(path).is_file()
 
     def _fetcher(self, path: str) -> ShardFetcher:
         fetcher = self.fetchers[self._where[path][0]]
@@ -384,14 +474,6 @@ def _group_files(plan: ExtractionPlan, group: Sequence[Any]) -> list[str]:
             for path in (plan.base[name].path, plan.tuned[name].path)
         )
     )
-
-
-def _check_files(plan: ExtractionPlan) -> list[str]:
-    """The files the checks before the groups read: the tensors no LoRA carries and the
-    LoRA layers' biases."""
-    names = [*plan.checks, *(n for m in plan.modules for n in m.checks)]
-    names += [b for m in plan.modules if (b := getattr(m, "bias", None))]
-    return list(dict.fromkeys(p for n in names for p in (plan.base[n].path, plan.tuned[n].path)))
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

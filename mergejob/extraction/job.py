@@ -11,7 +11,9 @@ record first), the engine (:mod:`mergejob.extraction.engine`, resumable per grou
 group waits for its own shards of a streamed model), then the adapter, its config, the
 tokenizer, ``extraction.json``, the card and the recipe (last), and
 :func:`mergejob.pipeline.settle_output` (one Hub commit, the records dropped, the folder
-renamed into place).
+renamed into place). The opening (:func:`start_extraction`) and the tail
+(:func:`finish_extraction`) are also those of each index of an extraction split over an
+Indexed Job (:mod:`mergejob.extraction.split`), whose index 0 runs the tail once.
 
 Example::
 
@@ -30,7 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,7 +42,12 @@ from mergejob import output, pipeline, recipe, settings
 from mergejob.card import card_spec
 from mergejob.errors import InputError, SpecError
 from mergejob.extraction.card import write_card
-from mergejob.extraction.engine import ExtractionOutcome, devices_for, run_extraction
+from mergejob.extraction.engine import (
+    ExtractionOutcome,
+    ProgressCallback,
+    devices_for,
+    run_extraction,
+)
 from mergejob.extraction.inputs import Downloads, ExtractionInputs, open_inputs
 from mergejob.extraction.plan import ExtractionPlan
 from mergejob.extraction.report import extraction_report, write_report
@@ -134,6 +142,91 @@ def holds_this_extraction(folder: Path, plan_id: str, resolved: Mapping[str, Any
     return what(document) == what(resolved)
 
 
+@dataclass
+class StartedExtraction:
+    """An extraction opened by :func:`start_extraction`: where it writes, its inputs and
+    plan, the spec as the recipe records it, and how far an earlier run got (``finished``:
+    the output holds it already; ``complete``: the partial folder holds all of it, only the
+    commit and the rename are left). ``shared``: the partial folder is shared with the
+    other indices of an Indexed Job, never removed here."""
+
+    spec: MergeSpec
+    place: pipeline.OutputPlace
+    sources: ExtractionInputs
+    plan: ExtractionPlan
+    resolved: dict[str, Any]
+    partial: Path
+    timings: Timings
+    inputs: Callable[[], list[dict[str, Any]]]
+    started: float
+    finished: bool = False
+    complete: bool = False
+    shared: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return self.place.out_dir
+
+
+def start_extraction(
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    recorded_inputs: Sequence[Mapping[str, Any]] | None = None,
+    hash_inputs: bool = True,
+    shared: bool = False,
+) -> StartedExtraction:
+    """Everything before the engine: the Hub access and the output folder
+    (:func:`mergejob.pipeline.open_output`), both models, the plan (every problem before any
+    weight is read), what an earlier run left, the inputs against a recipe's record
+    (``recorded_inputs``: fails before anything is written), the partial folder.
+    ``hash_inputs``: hash the inputs for the recipe on a thread beside the work (the run
+    that writes the recipe). ``shared``: see :class:`StartedExtraction`."""
+    if spec.extract is None:
+        raise SpecError("extract: this spec merges adapters; run it with mergejob merge")
+    started = time.monotonic()
+    place = pipeline.open_output(spec, token=token)
+    timings = Timings()
+    with timings.phase("resolve"):
+        sources = resolve_inputs(spec, token=place.token)
+    with timings.phase("plan"):
+        plan = sources.plan(spec.extract, trust_remote_code=spec.base.trust_remote_code)
+        plan.raise_problems()
+        devices_for(spec.engine.device)  # a GPU asked for and missing: before any read
+        for notice in plan.notices:
+            log.info("notice: %s", notice)
+    resolved = resolved_spec(spec, sources.base, sources.tuned)
+    # What the recipe records: a published one names local folders by their names only.
+    recorded = recipe.without_local_paths(resolved) if spec.publish is not None else resolved
+    out_dir, partial = place.out_dir, output.partial_dir_for(place.out_dir)
+    job = StartedExtraction(
+        spec, place, sources, plan, resolved, partial, timings, lambda: [], started, shared=shared
+    )
+    if place.maybe_finished and not partial.exists():
+        if place.temporary:
+            job.finished = output.published_for(out_dir, plan.plan_id)
+        else:
+            job.finished = holds_this_extraction(out_dir, plan.plan_id, recorded)
+    if job.finished:
+        return job
+    if place.maybe_finished:
+        output.check_output_dir(out_dir, overwrite=place.overwrite)
+    job.complete = (partial / settings.RECIPE_FILE).is_file() and holds_this_extraction(
+        partial, plan.plan_id, recorded
+    )
+    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
+        with timings.phase("inputs"):
+            checked = pipeline.compare_inputs(recorded_inputs, input_records(sources))
+        job.inputs = lambda: checked
+    elif hash_inputs and not job.complete:  # for the recipe, beside the extraction
+        job.inputs = pipeline.InputDigests(lambda: input_records(sources, workers=1)).result
+    else:  # written already, or only if asked for
+        job.inputs = lambda: input_records(sources)
+    if not job.complete:
+        job.partial = output.open_partial(out_dir, resume=True)
+    return job
+
+
 def extract(
     spec: MergeSpec,
     *,
@@ -143,106 +236,91 @@ def extract(
     """Run the extraction ``spec`` describes (an ``extract:`` section) and return where the
     adapter is. ``recorded_inputs``: a recipe's inputs this rerun must match (else
     :class:`~mergejob.errors.InputsChangedError` before anything is written)."""
-    if spec.extract is None:
-        raise SpecError("extract: this spec merges adapters; run it with mergejob merge")
-    started = time.monotonic()
-    place = pipeline.open_output(spec, token=token)
-    timings = Timings()
-    with timings.phase("resolve"):
-        sources = resolve_inputs(spec, token=place.token)
-    base, tuned = sources.base, sources.tuned
-    with timings.phase("plan"):
-        plan = sources.plan(spec.extract, trust_remote_code=spec.base.trust_remote_code)
-        plan.raise_problems()
-        devices_for(spec.engine.device)  # a GPU asked for and missing: before any read
-        for notice in plan.notices:
-            log.info("notice: %s", notice)
-    resolved = resolved_spec(spec, base, tuned)
-    # What the recipe records: a published one names local folders by their names only.
-    recorded = recipe.without_local_paths(resolved) if spec.publish is not None else resolved
-    out_dir, partial = place.out_dir, output.partial_dir_for(place.out_dir)
-    finished = False
-    if place.maybe_finished and not partial.exists():
-        if place.temporary:
-            finished = output.published_for(out_dir, plan.plan_id)
-        else:
-            finished = holds_this_extraction(out_dir, plan.plan_id, recorded)
-    if finished:
-        log.info("%s already holds this extraction (plan %s): nothing to do", out_dir, plan.plan_id)
-        output.forget_published(out_dir)
-        return ExtractResult(
-            output_dir=None if place.temporary else out_dir.absolute(),
-            report=_read_report(out_dir),
-            files=[] if place.temporary else sorted(p.name for p in out_dir.iterdir()),
-            seconds=time.monotonic() - started,
-            already_finished=True,
-        )
-    if place.maybe_finished:
-        output.check_output_dir(out_dir, overwrite=place.overwrite)
-    complete = (partial / settings.RECIPE_FILE).is_file() and holds_this_extraction(
-        partial, plan.plan_id, recorded
+    job = start_extraction(spec, token=token, recorded_inputs=recorded_inputs)
+    if job.finished:
+        return already_extracted(job)
+    with keeping_partial(job):
+        outcome = None
+        if not job.complete:
+            with job.timings.phase("extract", device=spec.engine.device):
+                outcome = run_engine(
+                    spec, job.plan, job.partial, job.sources, token=job.place.token
+                )
+        return finish_extraction(job, outcome)
+
+
+def already_extracted(job: StartedExtraction) -> ExtractResult:
+    """The result of an extraction its output holds already: nothing is done again."""
+    out_dir = job.out_dir
+    log.info("%s already holds this extraction (plan %s): nothing to do", out_dir, job.plan.plan_id)
+    output.forget_published(out_dir)
+    return ExtractResult(
+        output_dir=None if job.place.temporary else out_dir.absolute(),
+        report=_read_report(out_dir),
+        files=[] if job.place.temporary else sorted(p.name for p in out_dir.iterdir()),
+        seconds=time.monotonic() - job.started,
+        already_finished=True,
     )
-    inputs: Callable[[], list[dict[str, Any]]]
-    if recorded_inputs is not None:  # a rerun from a recipe: fail before writing anything
-        with timings.phase("inputs"):
-            checked = pipeline.compare_inputs(recorded_inputs, input_records(sources))
-        inputs = lambda: checked  # noqa: E731 - one of two ways to the same answer
-    elif not complete:  # for the recipe, beside the extraction
-        inputs = pipeline.InputDigests(lambda: input_records(sources, workers=1)).result
-    else:
-        inputs = lambda: input_records(sources)  # noqa: E731 - never called: written
-    if not complete:
-        partial = output.open_partial(out_dir, resume=True)
+
+
+@contextmanager
+def keeping_partial(job: StartedExtraction) -> Iterator[None]:
+    """On a failure, the partial folder stays for the rerun (its finished groups), except
+    after bad input when it holds no recipe and nobody else writes into it."""
     try:
-        if complete:
-            log.info("%s holds this extraction already (an earlier run wrote it)", partial)
-            report = _read_report(partial)
-        else:
-            with timings.phase("extract", device=spec.engine.device):
-                outcome = run_engine(spec, plan, partial, sources, token=place.token)
-            report = write_adapter(
-                spec,
-                plan,
-                outcome,
-                partial,
-                base,
-                tuned,
-                resolved,
-                place.target,
-                place.token,
-                timings,
-            )
-            write_recipe(
-                plan,
-                outcome,
-                partial,
-                resolved,
-                inputs(),
-                timings,
-                publishes=spec.publish is not None,
-            )
-        final, files, published = pipeline.settle_output(
-            out_dir,
-            partial,
-            temporary=place.temporary,
-            target=place.target,
-            plan_id=plan.plan_id,
-            timings=timings,
-            publish=lambda target: publish_adapter(spec, partial, target, base, tuned, place.token),
-        )
+        yield
     except BaseException as exc:
         # With the recipe the folder is whole and only publishing is left; any other
         # failure but bad input keeps the finished groups for the rerun.
-        if (partial / settings.RECIPE_FILE).is_file() or not isinstance(exc, InputError):
-            log.warning("kept %s: rerun the same job to resume from its finished groups", partial)
+        kept = job.shared or (job.partial / settings.RECIPE_FILE).is_file()
+        if kept or not isinstance(exc, InputError):
+            log.warning(
+                "kept %s: rerun the same job to resume from its finished groups", job.partial
+            )
         else:
-            output.discard_partial(out_dir)
+            output.discard_partial(job.out_dir)
         raise
+
+
+def finish_extraction(job: StartedExtraction, outcome: ExtractionOutcome | None) -> ExtractResult:
+    """Everything after the engine, once ``outcome`` has every group (None: ``job`` is
+    complete, an earlier run wrote it all): the adapter, its config, the tokenizer,
+    ``extraction.json``, the card, the recipe (last), then
+    :func:`mergejob.pipeline.settle_output` (the Hub commit, the records dropped, the
+    rename into place). The one tail of a one-pod extraction and of index 0 of many."""
+    spec, place, partial, timings = job.spec, job.place, job.partial, job.timings
+    base, tuned = job.sources.base, job.sources.tuned
+    if outcome is None:
+        log.info("%s holds this extraction already (an earlier run wrote it)", partial)
+        report = _read_report(partial)
+    else:
+        report = write_adapter(
+            spec, job.plan, outcome, partial, base, tuned, job.resolved, place.target,
+            place.token, timings,
+        )  # fmt: skip
+        write_recipe(
+            job.plan,
+            outcome,
+            partial,
+            job.resolved,
+            job.inputs(),
+            timings,
+            publishes=spec.publish is not None,
+        )
+    final, files, published = pipeline.settle_output(
+        job.out_dir,
+        partial,
+        temporary=place.temporary,
+        target=place.target,
+        plan_id=job.plan.plan_id,
+        timings=timings,
+        publish=lambda target: publish_adapter(spec, partial, target, base, tuned, place.token),
+    )
     return ExtractResult(
         output_dir=final,
         report=report,
         files=files,
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - job.started,
         timings=dict(timings.seconds),
         published=published,
     )
@@ -255,12 +333,21 @@ def run_engine(
     inputs: ExtractionInputs,
     *,
     token: str | None = None,
+    groups: Sequence[int] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ExtractionOutcome:
-    """The engine over ``plan``; with a streamed Hub model, beside the downloads of the
-    shards its unfinished groups read, each group waiting for its own files."""
+    """The engine over ``plan`` (``groups``: only those, an index's share); with a streamed
+    Hub model, beside the downloads of the shards its unfinished groups read, each group
+    waiting for its own files."""
     engine = spec.engine
+    options: dict[str, Any] = {
+        "device": engine.device,
+        "workers": engine.workers,
+        "groups": groups,
+        "progress": progress,
+    }
     if not inputs.streamed:
-        return run_extraction(plan, partial, device=engine.device, workers=engine.workers)
+        return run_extraction(plan, partial, **options)
     with Downloads(
         plan,
         partial,
@@ -269,10 +356,9 @@ def run_engine(
         workers=engine.download_workers or DEFAULT_DOWNLOAD_WORKERS,
         delete_after_use=bool(engine.delete_downloaded),
         parallel=max(len(devices_for(engine.device)), engine.workers),
+        groups=groups,
     ) as downloads:
-        return run_extraction(
-            plan, partial, device=engine.device, workers=engine.workers, gate=downloads.gate
-        )
+        return run_extraction(plan, partial, gate=downloads.gate, peek=downloads.peek, **options)
 
 
 def _read_report(folder: Path) -> dict[str, Any]:

@@ -127,6 +127,14 @@ class ExtractionPlan:
             groups.setdefault(module.group, []).append(module)
         return [groups[g] for g in sorted(groups)]
 
+    def group_sizes(self) -> list[int]:
+        """The bytes each group reads from both checkpoints, in group order (what the
+        indices of an Indexed Job are balanced by)."""
+        return [
+            sum(self.base[n].nbytes + self.tuned[n].nbytes for m in group for n in m.tensors)
+            for group in self.groups
+        ]
+
     @property
     def decomposed(self) -> list[ModuleWork]:
         return [m for m in self.modules if m.kind != "full"]

@@ -40,6 +40,7 @@ from mergejob.extraction.writer import factor_bytes
 from mergejob.fetch import DEFAULT_AHEAD
 from mergejob.io.header_view import header_view
 from mergejob.io.headers import DTYPE_SIZES, file_size, hub_headers
+from mergejob.io.shards import assign_runs
 from mergejob.spec import MergeSpec
 
 REPORT_FORMAT = 1
@@ -152,6 +153,18 @@ class ModuleLine:
 
 
 @dataclass
+class IndexShare:
+    """One index's share of an extraction split over an Indexed Job (``plan
+    --index-count N``): its groups (a run, first to last), the bytes they read and, from
+    the Hub, the bytes of the shards they read (downloaded by that index)."""
+
+    index: int
+    groups: list[int]
+    read_bytes: int
+    download_bytes: int = 0
+
+
+@dataclass
 class ExtractionPlanReport:
     """Everything ``mergejob plan`` prints for an extraction."""
 
@@ -176,6 +189,7 @@ class ExtractionPlanReport:
     gpu_bytes: int = 0
     seconds: float = 0.0
     strict: bool = False
+    index_shares: list[IndexShare] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -229,6 +243,20 @@ class ExtractionPlanReport:
             f"time: ~{logs.duration_text(self.seconds)}",
             "",
         ]
+        for share in self.index_shares:
+            first, last = (share.groups[0], share.groups[-1]) if share.groups else (0, -1)
+            lines.append(
+                f"index {share.index}/{len(self.index_shares)}: "
+                + (f"groups {first}-{last} ({len(share.groups)})" if share.groups else "no group")
+                + f", reads {logs.size_text(share.read_bytes)}"
+                + (
+                    f"; downloads {logs.size_text(share.download_bytes)}"
+                    if share.download_bytes
+                    else ""
+                )
+            )
+        if self.index_shares:
+            lines.append("")
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
             lines += [f"  - {p}" for p in self.problems]
@@ -364,10 +392,15 @@ def plan_report_for(
 
 
 def extraction_plan_report(
-    spec: MergeSpec, *, token: str | None = None, strict: bool = False
+    spec: MergeSpec,
+    *,
+    token: str | None = None,
+    strict: bool = False,
+    index_count: int | None = None,
 ) -> ExtractionPlanReport:
     """Check the extraction ``spec`` describes and estimate it from headers and configs: a
-    Hub model's headers come over HTTP range requests (kilobytes, whatever its size)."""
+    Hub model's headers come over HTTP range requests (kilobytes, whatever its size).
+    ``index_count``: the job runs as an Indexed Job of that many indices: each one's share."""
     from mergejob.sources import BASE_SMALL_PATTERNS, resolve_source
 
     assert spec.extract is not None
@@ -408,7 +441,7 @@ def extraction_plan_report(
             trust_remote_code=spec.base.trust_remote_code,
         )
         plan.problems[:0] = base_view.problems + tuned_view.problems
-        return plan_report_for(
+        report = plan_report_for(
             plan,
             base=spec.base.display(),
             finetuned=spec.extract.finetuned.display(),
@@ -419,3 +452,31 @@ def extraction_plan_report(
             download_window_bytes=window if engine.delete_downloaded else 0,
             strict=strict,
         )
+        if index_count and index_count > 0:
+            report.index_shares = index_shares(plan, index_count, remote)
+        return report
+
+
+def index_shares(
+    plan: ExtractionPlan, count: int, remote: Sequence[Mapping[str, Any] | None] = (None, None)
+) -> list[IndexShare]:
+    """Each index's share of ``plan`` over ``count`` indices (the split of
+    :mod:`mergejob.extraction.split`); ``remote``: each model's Hub headers by file name
+    (None for a local folder), for the bytes an index downloads."""
+    sizes = plan.group_sizes()
+    shares = []
+    for index, groups in enumerate(assign_runs(sizes, count)):
+        files = {
+            (side, Path(refs[n].path).name)
+            for i in groups
+            for m in plan.groups[i]
+            for n in m.tensors
+            for side, refs in enumerate((plan.base, plan.tuned))
+        }
+        download = sum(
+            file_size(headers[name])
+            for side, name in files
+            if (headers := remote[side]) is not None and name in headers
+        )
+        shares.append(IndexShare(index, groups, sum(sizes[i] for i in groups), download))
+    return shares

@@ -119,7 +119,8 @@ def uses_randomized(shape: tuple[int, int], rank: int, method: SvdMethod) -> boo
 def decompose(
     delta: torch.Tensor, *, rank: int, method: SvdMethod = "auto", seed: int = 0
 ) -> Decomposition:
-    """The leading ``rank`` (at least) singular triplets of the fp32 matrix ``delta``.
+    """The leading ``rank`` singular triplets of the fp32 matrix ``delta`` (all of them from
+    the full SVD, exactly ``rank`` from the randomized one).
 
     ``seed`` makes the randomized sketch deterministic (a rerun writes the same bytes).
     """
@@ -230,11 +231,12 @@ def _randomized(delta: torch.Tensor, rank: int, total: float, seed: int) -> Deco
             y -= q @ (q.T @ y)
         basis[:, cols : cols + width] = _orthonormal(y)
         blocks += 1
-    # Qᵀ A = Zᵀ = U_b S Vh with ZᵀZ = U_b S² U_bᵀ and Vh = (Z U_b / S)ᵀ  ->  A ≈ (Q U_b) S Vh
+    # Qᵀ A = Zᵀ = U_b S Vh with ZᵀZ = U_b S² U_bᵀ and Vh = (Z U_b / S)ᵀ  ->  A ≈ (Q U_b) S Vh;
+    # only the leading ``rank`` triplets are formed (the rest are not asked for).
     cols = blocks * width
     with _lapack(gram):
         energies, ub = torch.linalg.eigh(gram[:cols, :cols])
-    energies, ub = energies.flip(0).clamp_min(0), ub.flip(1)
+    energies, ub = energies.flip(0)[:rank].clamp_min(0), ub.flip(1)[:, :rank]
     s = energies.sqrt()
     vh = (ritz[:, :cols] @ ub / torch.where(s > 0, s, torch.ones_like(s))).T
     return Decomposition(

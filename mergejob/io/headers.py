@@ -4,8 +4,9 @@ A safetensors file is an 8-byte little-endian header length, a JSON header (tens
 dtype, shape, data offsets relative to the end of the header, plus ``__metadata__``), then
 the data. :func:`read_header` parses a local file's header (no tensor data is read);
 :func:`read_tensors` turns it into :class:`TensorRef` descriptors, checked against their
-dtypes and shapes; :func:`hub_headers` reads the headers of a Hub repo's shards with HTTP
-range requests. No torch: planning and the launcher stay light.
+dtypes and shapes; :func:`hub_headers` and :func:`read_remote_header` read the headers of a
+Hub repo's shards with HTTP range requests (:func:`hub_range_reader`: exact byte ranges of
+a Hub file, also a tensor's alone). No torch: planning and the launcher stay light.
 
 Example::
 
@@ -17,14 +18,18 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergejob.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 # Safetensors dtype codes -> torch dtype names (the names mergejob uses everywhere).
 SAFETENSORS_DTYPES = {
@@ -201,17 +206,7 @@ def read_remote_header(
     range requests (its length, then its bytes), as it will be read from ``local_path`` once
     downloaded: the byte offsets are those of the real file (the header's own length, not a
     re-encoding)."""
-    from huggingface_hub import constants, get_session, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
-
-    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=constants.ENDPOINT)
-    headers = build_hf_headers(token=token)
-
-    def read(first: int, last: int) -> bytes:
-        reply = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"})
-        hf_raise_for_status(reply)
-        return bytes(reply.content)
-
+    read = hub_range_reader(repo_id, filename, commit=commit, token=token)
     # Two exact reads (the length, then the header): the shard's data is never touched.
     prefix = read(0, LENGTH_BYTES - 1)
     if len(prefix) < LENGTH_BYTES:
@@ -228,6 +223,51 @@ def read_remote_header(
         if not offsets or len(offsets) != 2 or offsets[1] > header.data_held:
             raise ModelError(f"{repo_id}/{filename}: broken safetensors header entry for {name}")
     return header
+
+
+RangeRead = Callable[[int, int], bytes]
+
+
+def hub_range_reader(
+    repo_id: str, filename: str, *, commit: str, token: str | None = None, attempts: int = 1
+) -> RangeRead:
+    """``read(first, last)``: bytes ``first`` to ``last`` (inclusive) of a Hub repo's file at
+    ``commit``, one HTTP range request each (the client's URL for the file at the commit,
+    its session, the token's headers). ``attempts`` > 1: a request that fails (a broken
+    connection, an HTTP error) is tried again, as :class:`~mergejob.fetch.ShardFetcher`
+    tries a download again (``attempts`` in all, a second more before each). Returns what
+    the Hub answered: the caller checks its length."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=constants.ENDPOINT)
+    headers = build_hf_headers(token=token)
+
+    def request(first: int, last: int) -> bytes:
+        reply = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"})
+        hf_raise_for_status(reply)
+        return bytes(reply.content)
+
+    if attempts <= 1:
+        return request
+
+    def read(first: int, last: int) -> bytes:
+        import httpx2
+
+        for attempt in range(1, attempts + 1):
+            try:
+                return request(first, last)
+            except (OSError, httpx2.TransportError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning(
+                    "range read of %s/%s (bytes %d-%d) failed (%s); trying again",
+                    repo_id, filename, first, last, exc,
+                )  # fmt: skip
+                time.sleep(attempt)
+        raise AssertionError("unreachable")
+
+    return read
 
 
 def read_tensors(path: Path | str, *, check_size: bool = True) -> dict[str, TensorRef]:

@@ -182,8 +182,9 @@ class LaunchOptions(BaseModel):
     workers: int = Field(
         default=1,
         ge=1,
-        description="Pods of an Indexed Job, each merging its share of the shards into the "
-        "shared cache PVC; index 0 finalises (see mergejob/distributed.py).",
+        description="Pods of an Indexed Job, each merging its share of the shards (or "
+        "extracting its share of the groups) into the shared cache PVC; index 0 finalises "
+        "(see mergejob/indexed.py, mergejob/extraction/split.py).",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra container env.")
@@ -630,13 +631,9 @@ def check_launch(spec: MergeSpec, options: LaunchOptions, *, local: bool = False
 
 
 def check_split_job(spec: MergeSpec, options: LaunchOptions, *, local: bool) -> None:
-    """A merge split over pods needs the stream engine and storage every pod shares."""
-    if spec.task == "extract":
-        raise SpecError(
-            f"--workers {options.workers}: an extraction (a spec with an extract: section) "
-            "runs in one pod; drop --workers (--gpus N with --device auto uses every GPU)"
-        )
-    if spec.engine.name != "stream":
+    """A job split over pods needs storage every pod shares, and a merge the stream engine
+    (an extraction splits its groups: :mod:`mergejob.extraction.split`)."""
+    if spec.task != "extract" and spec.engine.name != "stream":
         raise SpecError(
             f"--workers {options.workers}: needs the stream engine (--engine stream); the peft "
             "engine spreads one pod's GPUs instead (--gpus N --device auto)"

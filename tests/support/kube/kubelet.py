@@ -48,6 +48,18 @@ CommandRewriter = Callable[
 IndexCallback = Callable[[k8s.V1Pod], "int | None"]
 
 
+class IndicesInOrder:
+    """An :data:`IndexCallback` that numbers the pods in the order they appear (0, 1, ...),
+    as an Indexed Job of a server without them (1.20) needs; ``seen``: pod name -> index."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, pod: k8s.V1Pod) -> int:
+        assert pod.metadata is not None
+        return self.seen.setdefault(str(pod.metadata.name), len(self.seen))
+
+
 class PodStartError(RuntimeError):
     """A container cannot be started yet (missing ConfigMap/Secret, ...).
 
