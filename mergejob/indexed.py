@@ -200,12 +200,20 @@ class IndexReport:
     resumed: list[str] = field(default_factory=list)
     already_finalized: bool = False
     result: JobResult | None = None  # a merge's, or an extraction's (extraction/split.py)
+    unit: str = "shard"  # what an index's share is made of: "group" in an extraction
+    verb: str = "merged"
 
     def summary(self) -> str:
         """What ``mergejob run`` prints for this index."""
         lines = [
             logs.index_done_line(
-                self.index, self.count, len(self.shards), len(self.merged), len(self.resumed)
+                self.index,
+                self.count,
+                len(self.shards),
+                len(self.merged),
+                len(self.resumed),
+                unit=self.unit,
+                verb=self.verb,
             )
         ]
         if self.already_finalized:

@@ -140,26 +140,32 @@ def phase_from_fields(fields: Mapping[str, Any]) -> PhaseEvent | None:
 
 @dataclass(frozen=True)
 class ShardDone:
-    """An output shard finished: ``done`` of ``total``."""
+    """An output shard (an extraction's group: ``unit``) finished: ``done`` of ``total``."""
 
     done: int
     total: int
+    unit: str = "shard"
 
 
-_SHARD_DONE = re.compile(r"\bshard (\d+)/(\d+) done")
+_SHARD_DONE = re.compile(r"\b(shard|group) (\d+)/(\d+) done")
 
 
-def shard_done_line(done: int, total: int, name: str, seconds: float) -> str:
+def shard_done_line(
+    done: int, total: int, name: str, seconds: float, *, unit: str = "shard"
+) -> str:
     """``shard 3/30 done: model-00003-of-00030.safetensors (41.2s elapsed)``: the stream
-    engine's line per output shard."""
-    return f"shard {done}/{total} done: {name} ({seconds:.1f}s elapsed)"
+    engine's line per output shard (``group 3/30 done: model.layers.1``: an extraction's
+    per group)."""
+    return f"{unit} {done}/{total} done: {name} ({seconds:.1f}s elapsed)"
 
 
 def parse_shard_done(line: str) -> ShardDone | None:
     """A shard's line in ``line`` (the stream engine's, or the shard part of an index's
     :func:`index_shard_done_line`), else None."""
     match = _SHARD_DONE.search(line)
-    return ShardDone(int(match.group(1)), int(match.group(2))) if match else None
+    if not match:
+        return None
+    return ShardDone(int(match.group(2)), int(match.group(3)), match.group(1))
 
 
 # Every line about one index of an Indexed Job starts ``index i/n:``, its summary
@@ -181,14 +187,18 @@ class IndexShardDone:
     count: int
     done: int
     total: int
+    unit: str = "shard"
 
 
-_INDEX_SHARD_DONE = re.compile(r"\bindex (\d+)/(\d+): shard (\d+)/(\d+) done")
+_INDEX_SHARD_DONE = re.compile(r"\bindex (\d+)/(\d+): (shard|group) (\d+)/(\d+) done")
 
 
-def index_shard_done_line(index: int, count: int, done: int, total: int, name: str) -> str:
-    """``index 1/4: shard 2/8 done: model-00010-of-00030.safetensors``."""
-    return f"index {index}/{count}: shard {done}/{total} done: {name}"
+def index_shard_done_line(
+    index: int, count: int, done: int, total: int, name: str, *, unit: str = "shard"
+) -> str:
+    """``index 1/4: shard 2/8 done: model-00010-of-00030.safetensors`` (an extraction's
+    index: ``group 2/8 done: model.layers.3``)."""
+    return f"index {index}/{count}: {unit} {done}/{total} done: {name}"
 
 
 def parse_index_shard_done(line: str) -> IndexShardDone | None:
@@ -196,8 +206,8 @@ def parse_index_shard_done(line: str) -> IndexShardDone | None:
     match = _INDEX_SHARD_DONE.search(line)
     if not match:
         return None
-    index, count, done, total = (int(g) for g in match.groups())
-    return IndexShardDone(index, count, done, total)
+    index, count, unit, done, total = match.groups()
+    return IndexShardDone(int(index), int(count), int(done), int(total), unit)
 
 
 @dataclass(frozen=True)
@@ -212,11 +222,21 @@ class IndexDone:
 _INDEX_DONE = re.compile(r"index (\d+)/(\d+) done(?::(.*))?")
 
 
-def index_done_line(index: int, count: int, shards: int, merged: int, resumed: int) -> str:
-    """``index 1/4 done: 8 shard(s), 6 merged, 2 already finished``."""
+def index_done_line(
+    index: int,
+    count: int,
+    shards: int,
+    merged: int,
+    resumed: int,
+    *,
+    unit: str = "shard",
+    verb: str = "merged",
+) -> str:
+    """``index 1/4 done: 8 shard(s), 6 merged, 2 already finished`` (an extraction's index:
+    ``8 group(s), 6 extracted``)."""
     return (
-        f"index {index}/{count} done: {shards} shard(s), "
-        f"{merged} merged, {resumed} already finished"
+        f"index {index}/{count} done: {shards} {unit}(s), "
+        f"{merged} {verb}, {resumed} already finished"
     )
 
 

@@ -205,7 +205,7 @@ def test_an_index_killed_midway_redoes_only_its_unfinished_groups(
     again = _run(MERGEJOB, config, *args)
     log, _ = again.communicate(timeout=300)
     assert again.returncode == 0, log
-    assert f"index 1/2 done: {share} shard(s), {share - finished} merged, {finished} " in log
+    assert f"index 1/2 done: {share} group(s), {share - finished} extracted, {finished} " in log
 
     first = _run(MERGEJOB, config, "--index", "0", "--index-count", "2")
     log, _ = first.communicate(timeout=300)

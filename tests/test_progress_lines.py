@@ -104,3 +104,22 @@ def test_download_line_round_trips_and_status_shows_it_beside_the_merge() -> Non
         line,
     ]
     assert progress_from_log(log) == "phase merge running, download 3/30, shard 1/30 done"
+
+
+def test_an_extraction_counts_groups_where_a_merge_counts_shards() -> None:
+    """An extraction's lines say ``group``; status shows them beside its downloads, and an
+    index's progress and summary say groups and extracted."""
+    group = logs.shard_done_line(3, 5, "model.layers.1", 2.0, unit="group")
+    assert group == "group 3/5 done: model.layers.1 (2.0s elapsed)"
+    assert logs.parse_shard_done(group) == logs.ShardDone(3, 5, "group")
+    log = [
+        logs.phase_start_line("extract", {"device": "cpu"}),
+        logs.download_done_line(2, 16, "model-00002-of-00008.safetensors", 10),
+        group,
+    ]
+    assert progress_from_log(log) == "phase extract running, download 2/16, group 3/5 done"
+    line = logs.index_shard_done_line(1, 2, 2, 3, "model.layers.4", unit="group")
+    assert line == "index 1/2: group 2/3 done: model.layers.4"
+    assert logs.parse_index_shard_done(line) == logs.IndexShardDone(1, 2, 2, 3, "group")
+    done = logs.index_done_line(1, 2, 3, 2, 1, unit="group", verb="extracted")
+    assert done == "index 1/2 done: 3 group(s), 2 extracted, 1 already finished"

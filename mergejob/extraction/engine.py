@@ -337,7 +337,8 @@ class _Counter:
                 self.progress(self.count, self.total, label)
             else:
                 seconds = time.monotonic() - self.started
-                log.info(logs.shard_done_line(self.count, self.total, label, seconds))
+                line = logs.shard_done_line(self.count, self.total, label, seconds, unit="group")
+                log.info(line)
 
 
 def _group_label(group: Sequence[ModuleWork]) -> str:

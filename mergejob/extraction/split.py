@@ -94,7 +94,13 @@ def run_extract_index(
     )
     plan = job.plan
     mine = index_groups(plan, count, index)
-    report = IndexReport(index=index, count=count, shards=[part_name(i) for i in mine])
+    report = IndexReport(
+        index=index,
+        count=count,
+        shards=[part_name(i) for i in mine],
+        unit="group",
+        verb="extracted",
+    )
     if job.finished or (job.complete and not finalizes):
         log.info("index %d/%d: %s holds this extraction already", index, count, job.out_dir)
         report.already_finalized = True
@@ -147,7 +153,7 @@ def _finished(job: StartedExtraction, groups: Sequence[int]) -> list[str]:
 def _group_logger(index: int, count: int) -> ProgressCallback:
     def progress(done: int, total: int, label: str) -> None:
         # `mergejob status` reads these lines back from the pod's log.
-        log.info(logs.index_shard_done_line(index, count, done, total, label))
+        log.info(logs.index_shard_done_line(index, count, done, total, label, unit="group"))
 
     return progress
 

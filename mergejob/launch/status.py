@@ -193,6 +193,10 @@ class JobStatus:
         return rows
 
 
+# The phases whose progress is counted in shards (a merge) or groups (an extraction).
+_WORK_PHASES = ("merge", "extract")
+
+
 def _stamp(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
@@ -267,11 +271,11 @@ def progress_from_log(lines: Iterable[str]) -> str | None:
         found = parse_phase(line)
         if found:
             phase, event = found.phase, found.event
-            if phase == "merge" and event == "start":
+            if phase in _WORK_PHASES and event == "start":
                 shard = ""
         done = parse_shard_done(line)
         if done:
-            shard = f"shard {done.done}/{done.total}"
+            shard = f"{done.unit} {done.done}/{done.total}"
         fetched = parse_download_done(line)
         if fetched:
             download = f"download {fetched.done}/{fetched.total}"
@@ -282,7 +286,7 @@ def progress_from_log(lines: Iterable[str]) -> str | None:
         return None
     state = {"start": "running", "done": "done", "failed": "failed"}.get(event, event)
     text = f"phase {phase} {state}"
-    if phase == "merge" and state == "running":
+    if phase in _WORK_PHASES and state == "running":
         # A Hub base comes in during the merge: both how far the download and the merge are.
         done_parts = [part for part in (download, shard) if part]
         if done_parts:
@@ -298,7 +302,7 @@ def _index_progress(lines: Iterable[str], index: int | None) -> tuple[int | None
             index = parse_index(line)
         shard = parse_index_shard_done(line)
         if shard:
-            progress = f"shard {shard.done}/{shard.total} done"
+            progress = f"{shard.unit} {shard.done}/{shard.total} done"
         if parse_finaliser_waiting(line) is not None:
             progress = "shards done; waiting for the other indices to finalise"
         done = parse_index_done(line)
