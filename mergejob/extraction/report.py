@@ -132,7 +132,7 @@ class ExtractThroughput:
     cpu_flops: float = 60e9  # fp32 GEMM, the Krylov products (fitted: 1.1B and 2.1B runs)
     svd_flops: float = 1.5e9  # LAPACK's full SVD (gesdd), counted as 4m²n + 8m³
     gpu_flops: float = 20e12
-    krylov_blocks: int = 10  # typical for fine-tuning deltas (at most 16)
+    krylov_blocks: int = 15  # typical for fine-tuning deltas (14-15 measured; at most 32)
     base_rss: int = 450 * 10**6  # python, torch, transformers and peft imported
     worker_rss: int = 250 * 10**6  # a worker process: python, torch, the engine (233 MB)
 

@@ -173,9 +173,12 @@ def _randomized(delta: torch.Tensor, rank: int, total: float, seed: int) -> Deco
     space has found the leading directions; the rest of the way is estimated from the last
     two gains (see ``_settled``). When the space would pass half the smaller dimension (or
     ``MAX_KRYLOV_BLOCKS``) without settling, the full SVD is as cheap and exact: it is used.
+
+    The basis Q lives on the smaller side of ΔW: keeping it orthogonal (four fp64 products
+    with Q a step) is then the cheaper part, and Z, on the larger side, only borders G.
     """
     m, n = delta.shape
-    if n > m:  # the Ritz matrix Aᵀ Q is then the smaller side
+    if m > n:  # Q on the smaller side
         flipped = _randomized(delta.T, rank, total, seed)
         return Decomposition(
             u=flipped.vh.T,
