@@ -277,24 +277,21 @@ def test_peft_loads_the_adapter_and_its_merge_equals_mergejobs(
 # Norms, biases, a resized vocabulary
 
 
-def test_a_changed_bias_is_refused_unless_skip_undecomposable(
+def test_a_changed_bias_lora_bias_cannot_carry_saves_its_layer_whole(
     models: Any, run_cli: CLI, tmp_path: Path
 ) -> None:
     base = models.base(family="qwen2")  # q/k/v carry biases
     # o_proj and down_proj change too and have no bias: lora_bias (all or nothing) cannot
-    # carry q/k/v's (tests/test_extract_bias.py: where it can, it does).
+    # carry q/k/v's, so q/k/v are saved whole (tests/test_extract_bias.py: the merges, the
+    # --skip-undecomposable case, and lora_bias where it can carry them).
     tuned = models.finetune(base, biases=True)
-    code, _, err = extract(run_cli, base, tuned, tmp_path / "refused")
-    assert code == 2
-    line = error_line(err)
-    assert "no LoRA carries" in line and "bias" in line and "--skip-undecomposable" in line
-    assert not (tmp_path / "refused").exists()
-    out = tmp_path / "skipped"
-    code, _, err = extract(run_cli, base, tuned, out, "--skip-undecomposable")
+    out = tmp_path / "whole"
+    code, _, err = extract(run_cli, base, tuned, out)
     assert code == 0, err
-    dropped = report(out)["dropped"]
-    assert dropped and all(name.endswith(".bias") for name in dropped)
-    assert "left out (changed, but no LoRA carries them)" in (out / "README.md").read_text()
+    config = json.loads((out / "adapter_config.json").read_text())
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert q_proj in config["modules_to_save"] and "q_proj" not in config["target_modules"]
+    assert rows(out)[q_proj]["status"] == "full" and report(out)["dropped"] == []
 
 
 def test_a_resized_vocabulary_is_saved_whole_with_the_finetunes_tokenizer(

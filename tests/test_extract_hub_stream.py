@@ -9,8 +9,9 @@ without downloading a shard; a failed download stops the job with a line naming 
 keeps the finished groups, which the rerun resumes. The checks before the first group read
 what they compare by HTTP range requests, no whole shard: on a Qwen2 (q/k/v biases in every
 layer) the first group is still written before the last shard of either model arrives, only
-the compared tensors are requested, a refusal comes before any whole shard, and a tensor so
-read is the file's bytes (a cut request tried again).
+the compared tensors are requested, the decision to save the layers whose bias changed whole
+(lora_bias blocked) comes before any whole shard, and a tensor so read is the file's bytes (a
+cut request tried again).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from huggingface_hub import HfApi, snapshot_download
 
 import mergejob
 from mergejob import output, recipe
-from mergejob.errors import InputError, MergeFailedError
+from mergejob.errors import MergeFailedError
 from mergejob.extraction.inputs import open_inputs
 from mergejob.extraction.job import resolve_inputs
 from mergejob.extraction.plan import plan_extraction
@@ -470,42 +471,67 @@ def test_the_checks_read_the_compared_tensors_by_range_requests_not_whole_shards
     }
 
 
-def test_a_refusal_comes_before_a_whole_shard_is_downloaded(
+def test_the_bias_decision_comes_before_a_whole_shard_is_downloaded(
     hub_env: SeededHubServer, models: ModelFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every layer of a Qwen2 changed, its q/k/v biases too (a full fine-tune): the first
-    bias-less LoRA layer compared has changed, so PEFT's lora_bias cannot carry the biases.
-    The refusal reads the biases and that one weight, by range requests: no whole shard."""
+    bias-less LoRA layer compared has changed, so PEFT's lora_bias cannot carry the biases
+    and q/k/v are saved whole. That decision reads the biases and that one weight, by range
+    requests: it is made before any whole shard is on disk, and the adapter is the one
+    extracted from both models on disk."""
+    import logging
+
     # Shards a few times a layer's weight, as a real model's are (30 layers' worth there).
     base = models.base(family="qwen2", max_shard_size="100KB")
     every = (*QKV, "o_proj", "gate_proj", "up_proj", "down_proj")
     blocked = models.finetune(
         base, modules=every, biases=True, rows_only=True, max_shard_size="100KB"
     )
-    with pytest.raises(InputError) as local:
-        mergejob.extract(_spec(tmp_path / "local", str(base), str(blocked)))
+    local = mergejob.extract(_spec(tmp_path / "local", str(base), str(blocked)))
+    assert local.output_dir is not None
     folders = {"rbase": base, "rblocked": blocked}
     commits = _upload(hub_env, folders)
     monkeypatch.setenv("HF_TOKEN", hub_env.alice_read_token)
     shards = {name: CheckpointIndex.from_folder(folder).shards for name, folder in folders.items()}
     snapshots = [_snapshot(hub_env, f"org/{side}", commits[side]) for side in folders]
-    # About 2 s a shard on this link.
+    decided: list[tuple[str, list[str]]] = []
+
+    class Decision(logging.Handler):
+        """At the decision's log line: what is on disk; then the link is let free."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if "saved whole (modules_to_save" in message:
+                on_disk = [p.name for s in snapshots for p in s.glob("*.safetensors")]
+                decided.append((message, on_disk))
+                hub_env.link.download_bytes_per_second = None
+
+    engine_log = logging.getLogger("mergejob.extraction.engine")
+    handler, level = Decision(), engine_log.level
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO)
+    # About 2 s a shard on this link, until the decision.
     smallest = min((folders[s] / n).stat().st_size for s in folders for n in shards[s])
     hub_env.link.download_bytes_per_second = smallest / 2.0
     try:
-        with pytest.raises(InputError) as refused:
-            mergejob.extract(_spec(tmp_path / "hub", "org/rbase", "org/rblocked"))
-        on_disk = [p.name for s in snapshots for p in s.glob("*.safetensors")]
+        result = mergejob.extract(_spec(tmp_path / "hub", "org/rbase", "org/rblocked"))
     finally:
         hub_env.link.download_bytes_per_second = None
+        engine_log.removeHandler(handler)
+        engine_log.setLevel(level)
+    assert len(decided) == 1, decided
+    message, on_disk = decided[0]
     assert on_disk == [], on_disk
-    message = str(refused.value)
-    assert "cannot take one (it has no bias in the base)" in message
-    assert message.split(": ", 1)[1] == str(local.value).split(": ", 1)[1]
-    # The range reads: the headers, the biases, and the first bias-less weight compared.
+    assert message.startswith("6 LoRA layer(s) whose bias changed saved whole"), message
     plan = plan_extraction(_spec(tmp_path / "x", str(base), str(blocked)).extract, base, blocked)
     first = next(m for m in plan.decomposed if m.bias is None and m.weight)
-    assert f"the changed LoRA layer {first.module} cannot" in message
+    assert f"the changed LoRA layer {first.module} cannot take one" in message
+    assert result.output_dir is not None
+    _same_adapter(local.output_dir, result.output_dir)
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert "model.layers.0.self_attn.q_proj" in config["modules_to_save"]
+    # The range reads: the headers, the biases, and the first bias-less weight compared
+    # (the groups then read the shards downloaded whole).
     assert first.weight is not None
     index = CheckpointIndex.from_folder(base)
     wanted = [n for n in index.tensors if n.endswith(".bias")] + [first.weight]

@@ -129,6 +129,13 @@ def _text(
             "`lora_B`'s bias (`lora_bias`; zeros on the other LoRA layers), which a merge adds "
             "to the layer's bias (the `bias` column below)"
         )
+    whole = [r for r in report.get("modules", []) if r.get("status") == "full" and r.get("reason")]
+    if whole:
+        lines.append(
+            f"- biases: {len(whole)} LoRA layer(s) whose bias changed saved whole "
+            f"(`modules_to_save`, weight and bias; {whole[0]['reason']}: `lora_bias` is for "
+            "every LoRA layer or none)"
+        )
     if report.get("dropped"):
         lines.append(
             "- left out (changed, but no LoRA carries them): "
@@ -155,7 +162,8 @@ def _text(
         "kept ‖ΔW‖²: the fraction of the module's squared norm the factors keep; relative "
         "error: ‖ΔW - BA‖_F / ‖ΔW‖_F with the factors as stored; optimum: the Eckart-Young "
         "bound at that rank (shown where the full SVD gave it); bias: Δb where the layer's "
-        "changed bias is carried as `lora_B`'s bias. `extraction.json` holds the same.",
+        "changed bias is carried as `lora_B`'s bias, whole where the layer is saved whole for its "
+        "bias. `extraction.json` holds the same.",
         "",
         markdown_table(report.get("modules", [])),
         "",

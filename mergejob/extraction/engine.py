@@ -11,7 +11,11 @@ of the LoRA layers are compared. A changed bias is carried as ``lora_B``'s bias 
 ``lora_bias``, Δb in fp32 stored in the factors' dtype; every LoRA layer then gets one,
 zeros where the bias did not change) unless a changed LoRA layer cannot take one (no bias in
 the base, or an embedding): PEFT's ``lora_bias`` is for every layer of the adapter or none.
-What is left, changed, stops the job (exit 2) unless ``skip_undecomposable`` leaves it out.
+Then each LoRA layer whose bias changed is saved whole instead (its tuned weight and bias as
+``modules_to_save``, no factors), or with ``skip_undecomposable`` keeps its LoRA and the
+biases are left out. The decision depends on the input files only: every worker process and
+every index of an Indexed Job reaches the same. A changed tensor no LoRA carries (a 3-D
+expert weight) stops the job (exit 2) unless ``skip_undecomposable`` leaves it out.
 
 Groups are taken in plan order (the order their bytes lie in the base's shards), each by
 the next free worker: on ``cpu`` one process (torch's threads use every core) or, with
@@ -353,46 +357,52 @@ def _group_label(group: Sequence[ModuleWork]) -> str:
 def _check_undecomposable(
     plan: ExtractionPlan, source: TensorSource, gate: Gate | None = None
 ) -> list[str]:
-    """Compare what a LoRA may not carry, decide ``plan.lora_bias``, and return what
-    ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2). ``source``:
-    where the compared tensors are read (``run_extraction``'s ``peek``, or its reader);
-    ``gate``: as :func:`run_extraction`'s, for the weights the bias decision reads beyond
-    the tensors the caller gated already (None with a source that needs no gate)."""
+    """Compare what a LoRA may not carry, decide ``plan.lora_bias`` and ``plan.whole``, and
+    return what ``skip_undecomposable`` leaves out (else raise :class:`InputError`, exit 2).
+    ``source``: where the compared tensors are read (``run_extraction``'s ``peek``, or its
+    reader); ``gate``: as :func:`run_extraction`'s, for the weights the bias decision reads
+    beyond the tensors the caller gated already (None with a source that needs no gate)."""
     names = list(plan.checks) + [n for m in plan.modules for n in m.checks]
     changed = _changed(source, plan, names)
-    biases, blocker = _bias_decision(plan, source, gate)
-    refused = changed + (biases if blocker else [])
-    if refused and not plan.settings.skip_undecomposable:
-        reasons = []
-        if changed:
-            reasons.append(
-                f"{len(changed)} tensor(s) changed that no LoRA carries (a weight that is "
-                f"neither a layer nor a norm: {few(changed)})"
-            )
-        if biases and blocker:
-            reasons.append(
-                f"{len(biases)} bias(es) of LoRA layers changed ({few(biases)}) that no LoRA "
-                f"carries here: PEFT's lora_bias is for every LoRA layer or none, and the "
-                f"changed LoRA layer {blocker} cannot take one ({_no_bias_reason(plan, blocker)})"
-            )
+    if changed and not plan.settings.skip_undecomposable:
         raise InputError(
-            f"{plan.tuned_dir}: {'; '.join(reasons)}; pass --skip-undecomposable "
-            "(extract.skip_undecomposable) to leave them out, or --exclude their modules"
+            f"{plan.tuned_dir}: {len(changed)} tensor(s) changed that no LoRA carries (a "
+            f"weight that is neither a layer nor a norm: {few(changed)}); pass "
+            "--skip-undecomposable (extract.skip_undecomposable) to leave them out, or "
+            "--exclude their modules"
         )
-    for name in refused:
+    biases, blocker = _bias_decision(plan, source, gate)
+    dropped = changed + (biases if blocker and not plan.whole else [])
+    for name in dropped:
         log.warning("%s changed and no LoRA carries it: left out (skip_undecomposable)", name)
     if plan.lora_bias:
         log.info("%d changed bias(es) carried as lora_B biases (lora_bias)", len(biases))
-    return refused
+    if plan.whole:
+        assert blocker is not None
+        size = sum(
+            plan.tuned[n].nbytes for m in plan.modules if m.module in plan.whole for n in m.tensors
+        )
+        log.info(
+            "%d LoRA layer(s) whose bias changed saved whole (modules_to_save, %s): PEFT's "
+            "lora_bias is for every LoRA layer or none, and the changed LoRA layer %s cannot "
+            "take one (%s)",
+            len(plan.whole),
+            logs.size_text(size),
+            blocker,
+            _no_bias_reason(plan, blocker),
+        )
+    return dropped
 
 
 def _bias_decision(
     plan: ExtractionPlan, source: TensorSource, gate: Gate | None = None
 ) -> tuple[list[str], str | None]:
-    """Set ``plan.lora_bias``: whether a LoRA layer's bias changed and every changed LoRA
-    layer can take a ``lora_B`` bias. Returns the changed biases and the first changed layer
-    that cannot take one (None when every one can). Reads the biases, and only when one
-    changed, the weights of the layers without one (stopping at the first that changed)."""
+    """Set ``plan.lora_bias``, ``plan.whole`` and ``plan.bias_blocker``: lora_bias when a
+    LoRA layer's bias changed and every changed LoRA layer can take a ``lora_B`` bias; else
+    the layers whose bias changed are saved whole (none with ``skip_undecomposable``).
+    Returns the changed biases and the first changed layer that cannot take one (None when
+    every one can). Reads the biases, and only when one changed, the weights of the layers
+    without one (stopping at the first that changed)."""
     biases = _changed(source, plan, [m.bias for m in plan.modules if m.bias is not None])
     blocker = None
     for m in plan.decomposed if biases else ():
@@ -403,6 +413,9 @@ def _bias_decision(
         if not _equal(source, plan.base[m.weight], plan.tuned[m.weight]):
             blocker = m.module
             break
+    whole = blocker is not None and not plan.settings.skip_undecomposable
+    plan.whole = frozenset(b.rpartition(".")[0] for b in biases) if whole else frozenset()
+    plan.bias_blocker = blocker
     plan.lora_bias = bool(biases) and blocker is None
     return biases, blocker
 
@@ -410,16 +423,17 @@ def _bias_decision(
 def _no_bias_reason(plan: ExtractionPlan, module: str) -> str:
     work = next(m for m in plan.modules if m.module == module)
     if work.kind == "embedding":
-        return "PEFT has no lora_bias for an embedding; --embeddings full takes it whole"
+        return "PEFT has no lora_bias for an embedding"
     return "it has no bias in the base"
 
 
-def _carries_bias(plan: ExtractionPlan, source: TensorSource) -> bool:
-    """``plan.lora_bias``, decided here if :func:`_check_undecomposable` has not (the
-    decision depends on the input files only, so any process reaches the same)."""
+def _decided(plan: ExtractionPlan, source: TensorSource) -> ExtractionPlan:
+    """``plan`` with its bias decision (``lora_bias``, ``whole``), made here if
+    :func:`_check_undecomposable` has not (it depends on the input files only, so any
+    process reaches the same)."""
     if plan.lora_bias is None:
         _bias_decision(plan, source)
-    return bool(plan.lora_bias)
+    return plan
 
 
 # The checks' small tensors are compared this many at a time: a streamed input's are HTTP
@@ -492,6 +506,24 @@ def _full_module(
     return row, saved
 
 
+def _whole_lora_module(
+    plan: ExtractionPlan, module: ModuleWork, reader: FileReader
+) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
+    """A LoRA layer whose bias changed where lora_bias cannot carry it: its tuned tensors
+    (weight and bias), whole, as ``modules_to_save``; no factors."""
+    blocker = plan.bias_blocker
+    row: dict[str, Any] = {
+        "module": module.module,
+        "kind": "full",
+        "shape": list(module.shape),
+        "status": "full",
+        "kept": 1.0,
+        "error": 0.0,
+        "reason": f"bias changed; lora_bias blocked by {blocker}",
+    }
+    return row, [(full_key(n), reader.tensor(plan.tuned[n])) for n in module.tensors]
+
+
 def read_delta(reader: FileReader, base: TensorRef, tuned: TensorRef) -> torch.Tensor:
     """``tuned - base`` in fp32, formed a block of rows at a time (whatever the dtypes)."""
     rows = base.shape[0]
@@ -521,9 +553,11 @@ def _lora_module(
 ) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
     assert module.weight is not None
     settings_ = plan.settings
+    if module.module in _decided(plan, reader).whole:
+        return _whole_lora_module(plan, module, reader)
     delta = read_delta(reader, plan.base[module.weight], plan.tuned[module.weight])
     delta_bias = None
-    if module.bias is not None and _carries_bias(plan, reader):
+    if module.bias is not None and plan.lora_bias:
         delta_bias = read_delta(reader, plan.base[module.bias], plan.tuned[module.bias])
     bias_changed = delta_bias is not None and bool(delta_bias.any())
     row: dict[str, Any] = {

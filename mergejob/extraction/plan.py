@@ -5,15 +5,17 @@ Every tensor the base and the fine-tuned model share is given a role:
 - ``lora``: the weight of a Linear (or GPT-2 Conv1D) layer: ΔW is decomposed into PEFT's
   ``lora_A``/``lora_B``; its bias (``ModuleWork.bias``), if it has one, is carried as
   ``lora_B``'s bias (PEFT's ``lora_bias``) when the engine finds that a bias changed and every
-  changed LoRA layer has a bias to take it (:attr:`ExtractionPlan.lora_bias`);
+  changed LoRA layer has a bias to take it (:attr:`ExtractionPlan.lora_bias`); when one
+  cannot, the layers whose bias changed are saved whole instead (``modules_to_save``, no
+  factors: :attr:`ExtractionPlan.whole`) unless ``skip_undecomposable`` leaves the biases
+  out;
 - ``embedding``: the weight of an input embedding with ``embeddings: lora``: decomposed into
   ``lora_embedding_A``/``lora_embedding_B``;
 - ``full``: a module PEFT can only take whole: norms, and the embeddings and ``lm_head`` with
   ``embeddings: full`` (the default, as mergekit) or a resized vocabulary; shipped as
   ``modules_to_save`` when the fine-tune changed it;
 - ``check``: a tensor a LoRA cannot carry (a 3-D expert weight, a non-float buffer): it must
-  be equal in both models, else it is refused unless ``skip_undecomposable`` (so is a changed
-  bias that ``lora_bias`` cannot carry: see the engine).
+  be equal in both models, else it is refused unless ``skip_undecomposable``.
 
 A tensor only one side has, a shape that differs (other than a resized vocabulary), other
 architectures, or a ``max_rank`` above a module's smaller dimension are problems: the job
@@ -118,6 +120,11 @@ class ExtractionPlan:
     # engine from the biases' bytes before any large read (None until then); a function of
     # the input files, so of plan_id.
     lora_bias: bool | None = None
+    # Decided with it: the LoRA layers saved whole (modules_to_save) because their bias
+    # changed and lora_bias cannot carry it (a changed LoRA layer, ``bias_blocker``, cannot
+    # take a lora_B bias); empty with skip_undecomposable (the biases are left out then).
+    whole: frozenset[str] = frozenset()
+    bias_blocker: str | None = None
 
     @property
     def groups(self) -> list[list[ModuleWork]]:

@@ -5,7 +5,9 @@ a table in its card): per module its kind, shape, rank, the kept fraction of ‖
 relative error ‖ΔW - B A‖_F / ‖ΔW‖_F of the factors as stored, the Eckart-Young optimum
 ``sqrt(Σ discarded σ²) / ‖ΔW‖_F`` where the full SVD gave it, and ``bias: true`` where the
 layer's changed bias is carried as ``lora_B``'s bias (``lora_bias``; a layer whose weight
-did not change then has zero factors of rank 1, ``method: none``).
+did not change then has zero factors of rank 1, ``method: none``). A LoRA layer saved whole
+because its bias changed where ``lora_bias`` cannot carry it is a ``full`` row with a
+``reason`` (``bias changed; lora_bias blocked by <layer>``).
 
 ``ExtractionPlanReport`` is what ``mergejob plan`` prints for an extraction: the modules (by
 kind and shape), the ranks it will allow, the SVD method, notices and problems, the adapter's
@@ -98,6 +100,12 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.2e}"
 
 
+def _bias_cell(row: Mapping[str, Any]) -> str:
+    if row.get("bias"):
+        return "Δb"
+    return "whole" if row.get("reason") else "-"
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-module table of the card (identical modules left out)."""
     lines = [
@@ -112,7 +120,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"| `{row['module']}` | {kind} | {shape} | {row.get('rank', '-')} "
             f"| {_number(row.get('kept'), 6)} | {_number(row.get('error'))} "
-            f"| {_number(row.get('optimal_error'))} | {'Δb' if row.get('bias') else '-'} |"
+            f"| {_number(row.get('optimal_error'))} | {_bias_cell(row)} |"
         )
     return "\n".join(lines)
 
@@ -363,11 +371,14 @@ def plan_report_for(
             report.adapter_bytes_max += sum(plan.tuned[n].nbytes for n in module.tensors)
         else:
             rank = min(settings_.max_rank, *module.shape)
-            report.adapter_bytes_max += factor_bytes(
-                (module.shape[0], module.shape[1]), rank, settings_.dtype
-            )
-            if module.bias is not None:  # lora_B's bias, where a bias changed
-                report.adapter_bytes_max += module.lora_shape[0] * DTYPE_SIZES[settings_.dtype]
+            factors = factor_bytes((module.shape[0], module.shape[1]), rank, settings_.dtype)
+            report.adapter_bytes_max += factors
+            if module.bias is not None:
+                # lora_B's bias where a bias changed, or the layer saved whole where
+                # lora_bias cannot carry it (its tuned weight and bias): the larger.
+                bias = module.lora_shape[0] * DTYPE_SIZES[settings_.dtype]
+                whole = sum(plan.tuned[n].nbytes for n in module.tensors)
+                report.adapter_bytes_max += max(bias, whole - factors)
             seconds += _svd_cost(module, plan, throughput) * (
                 throughput.cpu_flops / throughput.gpu_flops
                 if device.startswith(("cuda", "auto"))

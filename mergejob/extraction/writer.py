@@ -178,7 +178,9 @@ def write_adapter_config(
 
 def target_modules(lora_modules: Sequence[str], all_modules: Sequence[str]) -> list[str]:
     """``target_modules``: a leaf name (``q_proj``) where every module of the model with that
-    leaf has a LoRA here, else the full module names (PEFT matches ``name`` or ``*.name``)."""
+    leaf has a LoRA here, else the full module names (PEFT matches ``name`` or ``*.name``). A
+    layer saved whole (``modules_to_save``, e.g. for its changed bias) has no LoRA here, so
+    its leaf is never listed and no entry matches it."""
     chosen = set(lora_modules)
     by_leaf: dict[str, list[str]] = {}
     for module in all_modules:
