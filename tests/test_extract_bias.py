@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergejob.io.checkpoint import CheckpointIndex
-from tests.test_extract import CLI, extract, report, rows, tensors, ulps
+from tests.test_extract import CLI, error_line, extract, report, rows, tensors, ulps
 
 PREFIX = "base_model.model."
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -406,3 +406,43 @@ def test_the_plans_adapter_bound_counts_a_biased_layer_saved_whole(
     ).adapter_bytes_max
     assert report(adapter)["summary"]["full"] == 6
     assert stored <= bound, (stored, bound)
+
+
+def with_extra_tensor(folder: Path, dest: Path, name: str, tensor: torch.Tensor) -> Path:
+    """A copy of the model in ``folder`` with one more tensor (in the norm's shard)."""
+    shutil.copytree(folder, dest)
+    index = CheckpointIndex.from_folder(dest)
+    shard = index.tensors["model.norm.weight"].shard
+    stored = load_file(str(dest / shard))
+    stored[name] = tensor
+    save_file(stored, str(dest / shard), metadata={"format": "pt"})
+    index_file = dest / "model.safetensors.index.json"
+    if index_file.is_file():
+        data = json.loads(index_file.read_text())
+        data["weight_map"][name] = shard
+        index_file.write_text(json.dumps(data))
+    return dest
+
+
+def test_a_changed_tensor_no_lora_carries_is_refused_or_left_out(
+    models: Any, run_cli: CLI, tmp_path: Path
+) -> None:
+    """A 3-D weight (an expert bank no LoRA layer holds) that changed: one line, exit 2,
+    nothing written; with --skip-undecomposable it is left out and listed."""
+    base = models.base()
+    tuned = models.finetune(base, rank=4)
+    name = "model.layers.0.mlp.bank"
+    bank = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(3))
+    base = with_extra_tensor(base, tmp_path / "base", name, bank.to(torch.bfloat16))
+    tuned = with_extra_tensor(tuned, tmp_path / "tuned", name, (bank + 0.5).to(torch.bfloat16))
+    out = tmp_path / "refused"
+    code, _, err = extract(run_cli, base, tuned, out)
+    assert code == 2, err
+    line = error_line(err)
+    assert name in line and "--skip-undecomposable" in line
+    assert not out.exists() and not list(tmp_path.glob(".refused*"))
+    kept = tmp_path / "kept"
+    code, _, err = extract(run_cli, base, tuned, kept, "--skip-undecomposable")
+    assert code == 0, err
+    assert report(kept)["dropped"] == [name]
+    assert not any(name in k for k in load_file(str(kept / "adapter_model.safetensors")))
