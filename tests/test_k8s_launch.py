@@ -425,3 +425,53 @@ def test_status_and_follow_say_why_a_pod_waits(
     assert code == 0
     assert "phase    Pending" in status
     assert 'waiting  CreateContainerConfigError: secret "hf-token" not found' in status
+
+
+def test_follow_waits_for_a_pod_no_node_has_taken_yet(
+    kube_cluster: LocalCluster, kube_namespace: str
+) -> None:
+    """The API server answers an unscheduled pod's log with an empty 200, not an error:
+    the follower must take that for "not started yet" (and look again), not for a finished
+    container with nothing to say, else that pod's whole log is lost. (Seen in a split
+    merge's `submit --follow`: one index's pod was looked at before the kubelet bound it.)"""
+    import io
+    import threading
+
+    from mergejob.launch import follow
+    from mergejob.launch.cluster import CONTAINER_NAME, connect
+
+    api = kube_cluster.api_client()
+    core = k8s.CoreV1Api(api)
+    program = "import time; print('first', flush=True); time.sleep(0.5); print('last')"
+    pod = k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name="late"),
+        spec=k8s.V1PodSpec(
+            restart_policy="Never",
+            containers=[
+                k8s.V1Container(
+                    name=CONTAINER_NAME, image="mergejob:test", command=["python", "-c", program]
+                )
+            ],
+        ),
+    )
+    core.create_namespaced_pod(kube_namespace, pod)  # no kubelet yet: nobody binds it
+    cluster = connect(kubeconfig=str(kube_cluster.kubeconfig_path), namespace=kube_namespace)
+    out = io.BytesIO()
+    try:
+        assert follow._follow_pod(cluster, "late", out, tail=None) is False
+        assert out.getvalue() == b""
+        done = threading.Event()
+
+        def follow_late() -> None:
+            while not follow._follow_pod(cluster, "late", out, tail=None):
+                time.sleep(0.2)
+            done.set()
+
+        thread = threading.Thread(target=follow_late, daemon=True)
+        thread.start()
+        with FakeKubelet.for_cluster(kube_cluster, kube_namespace):
+            assert done.wait(60), "the follower never finished"
+        assert out.getvalue() == b"first\nlast\n"
+    finally:
+        cluster.close()
+        api.close()

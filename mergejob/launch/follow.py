@@ -285,7 +285,12 @@ def _follow_pod(cluster: Cluster, pod: str, out: _Sink, *, tail: int | None) -> 
         finally:
             response.release_conn()
         if ended:
-            if not _still_running(cluster, pod):
+            state = _container_state(cluster, pod)
+            if state == "waiting" and first and seen == 0:
+                # Not started yet: the API server answers an empty log for a pod no node
+                # has taken yet (no error), so only the pod's status tells.
+                return False
+            if state != "running":
                 if from_start:  # a stream cut as the container ended: the rest, once
                     _write_rest(cluster, pod, out, seen)
                 return True
@@ -312,8 +317,10 @@ def _write_rest(cluster: Cluster, pod: str, out: _Sink, seen: int) -> None:
         out.flush()
 
 
-def _still_running(cluster: Cluster, pod: str) -> bool:
-    """Whether the pod's merge container still runs (its log may grow)."""
+def _container_state(cluster: Cluster, pod: str) -> str:
+    """The pod's merge container: ``running`` (its log may grow), ``waiting`` (not started
+    yet: the pod is unscheduled, or its container is being created), else ``ended`` (it
+    has terminated, or the pod is gone or not readable: nothing more to follow)."""
     try:
         obj = cluster.call(
             Action("get", "pods", cluster.namespace, pod),
@@ -322,6 +329,11 @@ def _still_running(cluster: Cluster, pod: str) -> bool:
             cluster.namespace,
         )
     except MergeJobError:
-        return False  # gone, or not readable: nothing more to follow
+        return "ended"
     container = container_status(obj)
-    return bool(container and container.state and container.state.running)
+    if container and container.state and container.state.running:
+        return "running"
+    if container and container.state and container.state.terminated:
+        return "ended"
+    phase = obj.status.phase if obj.status else None
+    return "waiting" if phase in (None, "Pending") else "ended"
