@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,41 @@ def _same_adapter(a: Path, b: Path) -> None:
     assert config_a == config_b
 
 
+def _timed_on_a_slow_link(
+    hub: SeededHubServer,
+    total: int,
+    records: Path,
+    last: dict[str, Path],
+    run: Callable[[], Any],
+) -> tuple[Any, dict[str, float]]:
+    """``run()`` with the link slowed to about 3 s for ``total`` bytes (one file at a time)
+    and when the first part record appeared in ``records`` (``seen["part"]``) and when each
+    of ``last``'s files (the last shard of each model) arrived (``seen[side]``)."""
+    hub.link.download_bytes_per_second = total / 3.0
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            if "part" not in seen and any(records.rglob("*.json")):
+                seen["part"] = now
+            for side, path in last.items():
+                if side not in seen and path.exists():
+                    seen[side] = now
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        watcher.join()
+        hub.link.download_bytes_per_second = None
+    return result, seen
+
+
 def test_the_first_group_is_extracted_before_either_model_has_arrived(
     hub_env: SeededHubServer, hub_models: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -125,29 +161,9 @@ def test_the_first_group_is_extracted_before_either_model_has_arrived(
         for side in ("base", "tuned")
         for name in hub_models["shards"][side]
     )
-    # About 3 s for both models on this link, one file at a time.
-    hub_env.link.download_bytes_per_second = total / 3.0
-    seen: dict[str, float] = {}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            now = time.monotonic()
-            if "part" not in seen and any(records.rglob("*.json")):
-                seen["part"] = now
-            for side, path in last.items():
-                if side not in seen and path.exists():
-                    seen[side] = now
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        result = mergejob.extract(_spec(out, download_workers=1))
-    finally:
-        stop.set()
-        watcher.join()
-        hub_env.link.download_bytes_per_second = None
+    result, seen = _timed_on_a_slow_link(
+        hub_env, total, records, last, lambda: mergejob.extract(_spec(out, download_workers=1))
+    )
     assert result.output_dir is not None
     assert {"part", "base", "tuned"} <= set(seen), seen
     assert seen["part"] < seen["base"] and seen["part"] < seen["tuned"], seen
@@ -411,29 +427,13 @@ def test_the_checks_read_the_compared_tensors_by_range_requests_not_whole_shards
         for side in ("qbase", "qtuned")
         for name in shards[side]
     )
-    # About 3 s for both models on this link, one file at a time.
-    hub_env.link.download_bytes_per_second = total / 3.0
-    seen: dict[str, float] = {}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            now = time.monotonic()
-            if "part" not in seen and any(records.rglob("*.json")):
-                seen["part"] = now
-            for side, path in last.items():
-                if side not in seen and path.exists():
-                    seen[side] = now
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        result = mergejob.extract(_spec(out, "org/qbase", "org/qtuned", download_workers=1))
-    finally:
-        stop.set()
-        watcher.join()
-        hub_env.link.download_bytes_per_second = None
+    result, seen = _timed_on_a_slow_link(
+        hub_env,
+        total,
+        records,
+        last,
+        lambda: mergejob.extract(_spec(out, "org/qbase", "org/qtuned", download_workers=1)),
+    )
     assert result.output_dir is not None
     # Every bias in both models is compared, and with the biases changed every bias-less
     # LoRA layer's weight: the first group is written before the last shard of either model.
