@@ -87,42 +87,31 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 def module_errors(base: Path, tuned: Path, adapter: Path) -> dict[str, float]:
     """module -> ‖ΔW - B A‖ / ‖ΔW‖ for every LoRA module of ``adapter`` (mergejob's or
-    mergekit's layout: lora_A/B, lora_embedding_A/B; scale alpha/r from its config)."""
+    mergekit's layout, read by :func:`mergejob.verify.load_adapter`: lora_A/B,
+    lora_embedding_A/B, PEFT's per-module scale); ΔW read a tensor at a time, in fp64."""
     from safetensors import safe_open
+
+    from mergejob.verify import load_adapter, pattern_value
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
-    weights: dict[str, Any] = {}
-    for file in sorted(adapter.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                weights[key] = handle.get_tensor(key)
     errors = {}
-    for key, a in weights.items():
-        for suffix, embedding in ((".lora_A.weight", False), (".lora_embedding_A", True)):
-            if not key.endswith(suffix):
-                continue
-            module = key.removeprefix("base_model.model.").removesuffix(suffix)
-            b = weights[key.replace("_A", "_B")]
-            rank = a.shape[0]
-            short = module.split(".")[-1]
-            alpha = (config.get("alpha_pattern") or {}).get(module) or (
-                config.get("alpha_pattern") or {}
-            ).get(short, config["lora_alpha"])
-            r = (config.get("rank_pattern") or {}).get(module) or (
-                config.get("rank_pattern") or {}
-            ).get(short, config["r"])
-            assert r == rank, (module, r, rank)
-            product = (b.double() @ a.double()) * (alpha / r)
-            if embedding:
-                product = product.T
-            name = f"{module}.weight"
-            with safe_open(str(base / index[name]), "pt") as handle:
-                w_base = handle.get_tensor(name).double()
-            with safe_open(str(tuned / index[name]), "pt") as handle:
-                w_tuned = handle.get_tensor(name).double()
-            delta = w_tuned - w_base
-            errors[module] = float((delta - product).norm() / delta.norm())
+    for module, factors in load_adapter(adapter).modules.items():
+        if factors.lora_a is None or factors.lora_b is None:
+            continue
+        rank = int(factors.lora_a.shape[0])
+        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        assert r == rank, (module, r, rank)
+        product = (factors.lora_b.double() @ factors.lora_a.double()) * factors.scale
+        if factors.embedding:
+            product = product.T
+        name = f"{module}.weight"
+        with safe_open(str(base / index[name]), "pt") as handle:
+            w_base = handle.get_tensor(name).double()
+        with safe_open(str(tuned / index[name]), "pt") as handle:
+            w_tuned = handle.get_tensor(name).double()
+        delta = w_tuned - w_base
+        errors[module] = float((delta - product).norm() / delta.norm())
     return errors
 
 

@@ -86,7 +86,7 @@ class AdapterWeights:
         return any(m.magnitude is not None for m in self.modules.values())
 
 
-def _pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
+def pattern_value(pattern: dict[str, Any], module: str, default: float) -> float:
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches the module's full name or a
     suffix of it (the first key that matches wins), as ``get_pattern_key`` does."""
     for key, value in pattern.items():
@@ -157,8 +157,8 @@ def load_adapter(
     for module, delta in modules.items():
         if delta.lora_a is None:
             continue
-        r = _pattern_value(rank_pattern, module, r_default)
-        alpha = _pattern_value(alpha_pattern, module, alpha_default)
+        r = pattern_value(rank_pattern, module, r_default)
+        alpha = pattern_value(alpha_pattern, module, alpha_default)
         delta.scale = alpha / math.sqrt(r) if rslora else alpha / r
         delta.fan_in_fan_out = fan_in_fan_out and not delta.embedding
         if delta.lora_b is None:

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergejob.io.checkpoint import CheckpointIndex
+from mergejob.verify import load_adapter, pattern_value
 
 CLI = Callable[..., tuple[int, str, str]]
 
@@ -102,40 +103,26 @@ def checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def _pattern(patterns: dict[str, Any] | None, module: str) -> Any:
-    """PEFT's lookup of ``rank_pattern``/``alpha_pattern``: the full name or a suffix."""
-    for key, value in (patterns or {}).items():
-        if module == key or module.endswith("." + key):
-            return value
-    return None
-
-
 def module_errors(base: Path, tuned: Path, adapter: Path) -> dict[str, tuple[int, float]]:
     """module -> (rank, ‖ΔW - (alpha/r)·B A‖_F / ‖ΔW‖_F) for every LoRA module of ``adapter``
-    whose ΔW is not zero; ΔW the fp32 difference of the checkpoints, the rest in fp64."""
+    whose ΔW is not zero (factors and scales as :func:`mergejob.verify.load_adapter` reads
+    them); ΔW the fp32 difference of the checkpoints, the rest in fp64."""
     config = json.loads((adapter / "adapter_config.json").read_text())
-    weights: dict[str, torch.Tensor] = {}
-    for file in sorted(adapter.glob("*.safetensors")):
-        weights.update(load_file(str(file)))
     errors = {}
-    for key, a in weights.items():
-        for suffix, embedding in ((".lora_A.weight", False), (".lora_embedding_A", True)):
-            if not key.endswith(suffix):
-                continue
-            module = key.removeprefix("base_model.model.").removesuffix(suffix)
-            b = weights[key.replace("_A", "_B")]
-            rank = int(a.shape[0])
-            r = _pattern(config.get("rank_pattern"), module) or config["r"]
-            alpha = _pattern(config.get("alpha_pattern"), module) or config["lora_alpha"]
-            assert r == rank, (adapter, module, r, rank)
-            product = (b.double() @ a.double()) * (alpha / r)
-            if embedding:
-                product = product.T
-            name = f"{module}.weight"
-            delta = (checkpoint(tuned)[name].float() - checkpoint(base)[name].float()).double()
-            if float(delta.norm()) == 0:
-                continue  # an unchanged module (mergekit writes zero factors for it)
-            errors[module] = (rank, float((delta - product).norm() / delta.norm()))
+    for module, factors in load_adapter(adapter).modules.items():
+        if factors.lora_a is None or factors.lora_b is None:
+            continue
+        rank = int(factors.lora_a.shape[0])
+        r = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        assert r == rank, (adapter, module, r, rank)
+        product = (factors.lora_b.double() @ factors.lora_a.double()) * factors.scale
+        if factors.embedding:
+            product = product.T
+        name = f"{module}.weight"
+        delta = (checkpoint(tuned)[name].float() - checkpoint(base)[name].float()).double()
+        if float(delta.norm()) == 0:
+            continue  # an unchanged module (mergekit writes zero factors for it)
+        errors[module] = (rank, float((delta - product).norm() / delta.norm()))
     return errors
 
 
