@@ -257,8 +257,7 @@ def input_files(plan: ExtractionPlan, names: Sequence[str]) -> list[Path]:
 
 def group_files(plan: ExtractionPlan, group: Sequence[ModuleWork]) -> list[Path]:
     """The input files a group's extraction reads (what the gate is given for it)."""
-    names = [n for m in group for n in (*m.tensors, *([m.bias] if m.bias else []))]
-    return input_files(plan, names)
+    return [Path(path) for path in plan.group_files(group)]
 
 
 def write_group(
@@ -427,15 +426,6 @@ def _no_bias_reason(plan: ExtractionPlan, module: str) -> str:
     return "it has no bias in the base"
 
 
-def _decided(plan: ExtractionPlan, source: TensorSource) -> ExtractionPlan:
-    """``plan`` with its bias decision (``lora_bias``, ``whole``), made here if
-    :func:`_check_undecomposable` has not (it depends on the input files only, so any
-    process reaches the same)."""
-    if plan.lora_bias is None:
-        _bias_decision(plan, source)
-    return plan
-
-
 # The checks' small tensors are compared this many at a time: a streamed input's are HTTP
 # range requests, a round trip each (hundreds of biases in a large model).
 _CHECK_THREADS = 8
@@ -553,7 +543,9 @@ def _lora_module(
 ) -> tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]:
     assert module.weight is not None
     settings_ = plan.settings
-    if module.module in _decided(plan, reader).whole:
+    # Decided by _check_undecomposable before any group (a worker gets the plan after it).
+    assert plan.lora_bias is not None
+    if module.module in plan.whole:
         return _whole_lora_module(plan, module, reader)
     delta = read_delta(reader, plan.base[module.weight], plan.tuned[module.weight])
     delta_bias = None

@@ -318,9 +318,7 @@ class Downloads:
             for i in (range(len(everything)) if groups is None else groups)
             if not record_holds(self.partial, read_record(self.partial, part_name(i)), plan.plan_id)
         ]
-        reads = {
-            i: [p for p in _group_files(plan, everything[i]) if p in self._where] for i in todo
-        }
+        reads = {i: [p for p in plan.group_files(everything[i]) if p in self._where] for i in todo}
         # The groups' order: the checks before them read through ``peek``, not these files.
         order = list(dict.fromkeys(p for i in todo for p in reads[i]))
         self._pending = {i: set(reads[i]) for i in todo}
@@ -367,7 +365,6 @@ class Downloads:
             [(self._fetcher(p), self._where[p][1]) for p in order],
             workers=workers,
         )
-        self.roles = ROLES
         self.streams = streams
         self.peek = StreamedTensors(streams, self._on_disk, token=token)
 
@@ -432,7 +429,7 @@ class Downloads:
         cause = exc.__cause__ or exc
         what = f"downloading {name} failed ({type(cause).__name__}: {cause})" if name else str(exc)
         return MergeFailedError(
-            f"{self.roles[side]} {stream.repo_id}@{stream.commit[:12]}: {what}; rerun the same "
+            f"{ROLES[side]} {stream.repo_id}@{stream.commit[:12]}: {what}; rerun the same "
             "job: the finished groups and the complete downloads are kept"
         )
 
@@ -461,19 +458,6 @@ class Downloads:
             return False
         record = read_record(self.partial, name)
         return record is not None and record.plan_id == self.plan.plan_id
-
-
-def _group_files(plan: ExtractionPlan, group: Sequence[Any]) -> list[str]:
-    """The files a group reads, in the order it reads them (each tensor: base, then
-    fine-tuned)."""
-    return list(
-        dict.fromkeys(
-            path
-            for module in group
-            for name in module.tensors
-            for path in (plan.base[name].path, plan.tuned[name].path)
-        )
-    )
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

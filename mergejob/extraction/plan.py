@@ -142,6 +142,18 @@ class ExtractionPlan:
             for group in self.groups
         ]
 
+    def group_files(self, group: Sequence[ModuleWork]) -> list[str]:
+        """The files of both models a group reads, each once, in the order it reads them
+        (each tensor: base, then fine-tuned)."""
+        return list(
+            dict.fromkeys(
+                path
+                for module in group
+                for name in module.tensors
+                for path in (self.base[name].path, self.tuned[name].path)
+            )
+        )
+
     @property
     def decomposed(self) -> list[ModuleWork]:
         return [m for m in self.modules if m.kind != "full"]
