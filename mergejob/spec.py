@@ -804,9 +804,9 @@ def check_task_variables(
     """Refuse ``MERGEJOB_*`` variables of one task (merge or extraction) on a job of the other,
     naming the variable: a :class:`SpecError` rather than a spec that validates to something
     else. ``environment`` is :func:`env_overrides`' result; ``file_data`` the spec file's."""
-    names = {dotted: name for name, dotted in ENV_FIELDS.items()}
+    labels = env_labels(environment)
     where = path or "the environment"
-    extract_vars = [names[k] for k in environment if k.startswith("extract.")]
+    extract_vars = [labels[k] for k in environment if k.startswith("extract.")]
     file_extracts = file_data.get("extract") is not None
     file_merges = bool(file_data.get("adapters"))
     if "adapters" in environment and FINETUNED_FIELD in environment:

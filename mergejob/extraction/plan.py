@@ -372,7 +372,8 @@ def _layer_type(module: str, weight: TensorRef | None, types: Mapping[str, Layer
     return "other"
 
 
-def _included(module: str, settings: ExtractSpec) -> bool:
+def included(module: str, settings: ExtractSpec) -> bool:
+    """Whether ``include``/``exclude`` keep ``module`` (``re.search`` on its name)."""
     if settings.include and not any(re.search(p, module) for p in settings.include):
         return False
     return not any(re.search(p, module) for p in settings.exclude)
@@ -397,7 +398,7 @@ def _classify(
         by_module.setdefault(name.rpartition(".")[0], []).append(name)
     group_ids: dict[str, int] = {}
     for module, names in by_module.items():
-        if not _included(module, settings):
+        if not included(module, settings):
             plan.excluded.append(module)
             continue
         weight_name = f"{module}.weight"

@@ -380,9 +380,7 @@ def plan_report_for(
                 whole = sum(plan.tuned[n].nbytes for n in module.tensors)
                 report.adapter_bytes_max += max(bias, whole - factors)
             seconds += _svd_cost(module, plan, throughput) * (
-                throughput.cpu_flops / throughput.gpu_flops
-                if device.startswith(("cuda", "auto"))
-                else 1
+                throughput.cpu_flops / throughput.gpu_flops if on_gpu else 1
             )
     report.modules = list(lines.values())
     report.read_bytes = plan.input_bytes
@@ -394,7 +392,7 @@ def plan_report_for(
         report.memory_bytes = throughput.base_rss + report.workers * (
             throughput.worker_rss + largest
         )
-    if device.startswith(("cuda", "auto")):
+    if on_gpu:
         report.gpu_bytes = report.memory_bytes
     # The parts and the assembled adapter are both on disk before the parts go.
     on_disk = min(download_bytes, download_window_bytes or download_bytes)

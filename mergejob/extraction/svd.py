@@ -136,14 +136,15 @@ def decompose(
     return Decomposition(u=u, s=s, vh=vh, total=total, method="exact", complete=True)
 
 
-def _rows_per_block(matrix: torch.Tensor) -> int:
+def rows_per_block(matrix: torch.Tensor) -> int:
+    """Rows of ``matrix`` per block of about ``BLOCK_ELEMENTS`` elements."""
     return max(1, BLOCK_ELEMENTS // max(1, int(matrix.shape[1])))
 
 
 def squared_norm(matrix: torch.Tensor) -> float:
     """‖matrix‖_F² summed in fp64 a block of rows at a time (no fp64 copy of a module)."""
     total = 0.0
-    block_rows = _rows_per_block(matrix)
+    block_rows = rows_per_block(matrix)
     for start in range(0, matrix.shape[0], block_rows):
         block = matrix[start : start + block_rows]
         total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
@@ -323,7 +324,7 @@ def residual(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[flo
     bf, af = b.float(), a.float()
     err = 0.0
     norm = 0.0
-    block_rows = _rows_per_block(delta)
+    block_rows = rows_per_block(delta)
     for start in range(0, delta.shape[0], block_rows):
         rows = delta[start : start + block_rows]
         err += squared_norm(rows - bf[start : start + block_rows] @ af)

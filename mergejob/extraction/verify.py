@@ -47,8 +47,7 @@ import json
 import logging
 import math
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,8 @@ import torch
 from mergejob import settings
 from mergejob.errors import AdapterError, InputError, InputsChangedError, SpecError, listing
 from mergejob.extraction.engine import read_delta
-from mergejob.extraction.svd import BLOCK_ELEMENTS, squared_norm
+from mergejob.extraction.plan import few, included
+from mergejob.extraction.svd import rows_per_block, squared_norm
 from mergejob.io.checkpoint import CheckpointIndex
 from mergejob.io.headers import TensorRef, read_header
 from mergejob.io.reader import FileReader
@@ -546,19 +546,19 @@ def _config_check(
         if extra := sorted(targeted - with_factors):
             problems.append(
                 f"target_modules matches {len(extra)} module(s) without factors in the adapter "
-                f"({_few(extra)}): PEFT would start them at zero"
+                f"({few(extra)}): PEFT would start them at zero"
             )
         if missing := sorted(with_factors - targeted):
             problems.append(
                 f"target_modules misses {len(missing)} module(s) the adapter has factors for "
-                f"({_few(missing)}): PEFT would not load them"
+                f"({few(missing)}): PEFT would not load them"
             )
         saved_modules = {n.rpartition(".")[0] for n in layout.saved}
         listed = set(view.raw.get("modules_to_save") or [])
         if listed != saved_modules:
             problems.append(
-                f"modules_to_save lists {_few(sorted(listed)) or 'none'}, the adapter saves "
-                f"{_few(sorted(saved_modules)) or 'none'}"
+                f"modules_to_save lists {few(sorted(listed)) or 'none'}, the adapter saves "
+                f"{few(sorted(saved_modules)) or 'none'}"
             )
         biases = any(f.bias is not None for f in layout.factors.values())
         if bool(view.raw.get("lora_bias")) != biases:
@@ -567,7 +567,7 @@ def _config_check(
                 f"{'holds' if biases else 'holds no'} lora_B biases"
             )
         elif biases and (lacking := sorted(m for m, f in layout.factors.items() if f.bias is None)):
-            problems.append(f"lora_bias: no lora_B bias for {_few(lacking)}")
+            problems.append(f"lora_bias: no lora_B bias for {few(lacking)}")
         for module, factors in sorted(layout.factors.items()):
             rank = factors.a.shape[0] if factors.a is not None else None
             if rank is not None and view.rank(module) != rank:
@@ -577,11 +577,6 @@ def _config_check(
                 )
     note = "; ".join(problems)
     return ItemCheck(settings.ADAPTER_CONFIG_FILE, "config", not problems, note)
-
-
-def _few(items: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return f"{shown}, ... {len(items) - limit} more" if len(items) > limit else shown
 
 
 def _lora_check(
@@ -658,7 +653,7 @@ def _residual64(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     """``‖ΔW - B A‖_F²`` in fp64 (``b``, ``a`` fp64), a block of rows at a time (no
     module-sized fp64 matrix is held)."""
     err = 0.0
-    step = max(1, BLOCK_ELEMENTS // max(1, int(delta.shape[1])))
+    step = rows_per_block(delta)
     for start in range(0, delta.shape[0], step):
         rows = delta[start : start + step].double()
         err += float(torch.sum((rows - b[start : start + step] @ a) ** 2))
@@ -785,7 +780,7 @@ def _left_out_checks(
             checks.append(ItemCheck(name, "left out", ok, note))
             continue
         if module in excluded:
-            ok = not _included(module, extract)
+            ok = not included(module, extract)
             note = "excluded by include/exclude"
             if not ok:
                 note = "listed as excluded, but include/exclude keep its module"
@@ -804,10 +799,3 @@ def _left_out_checks(
 
 def _strings(value: Any) -> Iterable[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def _included(module: str, extract: ExtractSpec) -> bool:
-    """``include``/``exclude`` as the plan applies them (``re.search`` on module names)."""
-    if extract.include and not any(re.search(p, module) for p in extract.include):
-        return False
-    return not any(re.search(p, module) for p in extract.exclude)
