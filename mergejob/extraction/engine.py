@@ -60,6 +60,7 @@ from mergejob.extraction.plan import ExtractionPlan, ModuleWork, few
 from mergejob.extraction.svd import RankRule, choose_rank, decompose, factors, residual
 from mergejob.extraction.writer import (
     full_key,
+    group_done,
     lora_bias_key,
     lora_keys,
     part_name,
@@ -68,7 +69,7 @@ from mergejob.extraction.writer import (
 )
 from mergejob.io.headers import DTYPE_SIZES, TensorRef
 from mergejob.io.reader import FileReader, byte_view
-from mergejob.io.shards import ShardRecord, read_record, record_holds, write_record
+from mergejob.io.shards import ShardRecord, write_record
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,7 @@ def run_extraction(
     reader = FileReader()
     try:
         if peek is None and gate is not None:
-            checked = list(plan.checks) + [
-                n for m in plan.modules for n in (*m.checks, *([m.bias] if m.bias else []))
-            ]
+            checked = [*_checked(plan), *_biases(plan)]
             if checked:
                 gate(input_files(plan, checked))
         if peek is None:
@@ -195,8 +194,7 @@ def run_extraction(
         todo: list[int] = []
         resumed = 0
         for index in mine:
-            name = part_name(index)
-            if record_holds(partial, read_record(partial, name), plan.plan_id):
+            if group_done(partial, plan.plan_id, index):
                 resumed += 1
             else:
                 todo.append(index)
@@ -353,6 +351,17 @@ def _group_label(group: Sequence[ModuleWork]) -> str:
 # Tensors no LoRA carries
 
 
+def _checked(plan: ExtractionPlan) -> list[str]:
+    """The tensors no LoRA carries: each must be equal in both models (else refused or,
+    with ``skip_undecomposable``, left out)."""
+    return list(plan.checks) + [n for m in plan.modules for n in m.checks]
+
+
+def _biases(plan: ExtractionPlan) -> list[str]:
+    """The LoRA layers' biases (compared first for the bias decision)."""
+    return [m.bias for m in plan.modules if m.bias is not None]
+
+
 def _check_undecomposable(
     plan: ExtractionPlan, source: TensorSource, gate: Gate | None = None
 ) -> list[str]:
@@ -361,8 +370,7 @@ def _check_undecomposable(
     ``source``: where the compared tensors are read (``run_extraction``'s ``peek``, or its
     reader); ``gate``: as :func:`run_extraction`'s, for the weights the bias decision reads
     beyond the tensors the caller gated already (None with a source that needs no gate)."""
-    names = list(plan.checks) + [n for m in plan.modules for n in m.checks]
-    changed = _changed(source, plan, names)
+    changed = _changed(source, plan, _checked(plan))
     if changed and not plan.settings.skip_undecomposable:
         raise InputError(
             f"{plan.tuned_dir}: {len(changed)} tensor(s) changed that no LoRA carries (a "
@@ -402,7 +410,7 @@ def _bias_decision(
     Returns the changed biases and the first changed layer that cannot take one (None when
     every one can). Reads the biases, and only when one changed, the weights of the layers
     without one (stopping at the first that changed)."""
-    biases = _changed(source, plan, [m.bias for m in plan.modules if m.bias is not None])
+    biases = _changed(source, plan, _biases(plan))
     blocker = None
     for m in plan.decomposed if biases else ():
         if m.bias is not None or m.weight is None:

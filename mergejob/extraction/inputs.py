@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from mergejob import settings
 from mergejob.errors import MergeFailedError, MergeJobError
 from mergejob.extraction.plan import ExtractionPlan, plan_extraction
-from mergejob.extraction.writer import part_name
+from mergejob.extraction.writer import group_done, part_name
 from mergejob.fetch import (
     DEFAULT_AHEAD,
     DEFAULT_DOWNLOAD_WORKERS,
@@ -62,7 +62,7 @@ from mergejob.fetch import (
 from mergejob.io.digests import FileDigests
 from mergejob.io.header_view import write_sparse_copy
 from mergejob.io.headers import RangeRead, TensorRef, hub_range_reader
-from mergejob.io.shards import read_record, record_holds, record_path
+from mergejob.io.shards import read_record, record_path
 from mergejob.sources import BASE_PATTERNS, BASE_SMALL_PATTERNS, ResolvedSource, resolve_source
 from mergejob.spec import ExtractSpec, SourceSpec
 
@@ -316,7 +316,7 @@ class Downloads:
         todo = [
             i
             for i in (range(len(everything)) if groups is None else groups)
-            if not record_holds(self.partial, read_record(self.partial, part_name(i)), plan.plan_id)
+            if not group_done(self.partial, plan.plan_id, i)
         ]
         reads = {i: [p for p in plan.group_files(everything[i]) if p in self._where] for i in todo}
         # The groups' order: the checks before them read through ``peek``, not these files.

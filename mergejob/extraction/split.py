@@ -50,7 +50,7 @@ from mergejob.extraction.job import (
     start_extraction,
 )
 from mergejob.extraction.plan import ExtractionPlan
-from mergejob.extraction.writer import part_name, read_part
+from mergejob.extraction.writer import group_done, part_name, read_part
 from mergejob.indexed import (
     IndexMarker,
     IndexReport,
@@ -59,17 +59,19 @@ from mergejob.indexed import (
     wait_for_indexes,
     write_marker,
 )
-from mergejob.io.shards import read_record, record_holds
 from mergejob.spec import MergeSpec
 
 log = logging.getLogger("mergejob")
 
 
-def index_groups(plan: ExtractionPlan, count: int, index: int) -> list[int]:
+def index_groups(
+    plan: ExtractionPlan, count: int, index: int, sizes: Sequence[int] | None = None
+) -> list[int]:
     """The groups (positions in ``plan.groups``) index ``index`` of ``count`` extracts: a
-    run of consecutive groups, balanced by the bytes they read; every group belongs to
+    run of consecutive groups, balanced by the bytes they read (``sizes``: the plan's
+    :meth:`~ExtractionPlan.group_sizes`, when the caller has them); every group belongs to
     exactly one index."""
-    return index_shards(plan.group_sizes(), count, index)
+    return index_shards(plan.group_sizes() if sizes is None else sizes, count, index)
 
 
 def run_extract_index(
@@ -93,7 +95,8 @@ def run_extract_index(
         spec, token=token, recorded_inputs=recorded_inputs, hash_inputs=finalizes, shared=True
     )
     plan = job.plan
-    mine = index_groups(plan, count, index)
+    sizes = plan.group_sizes()
+    mine = index_groups(plan, count, index, sizes)
     report = IndexReport(
         index=index,
         count=count,
@@ -108,7 +111,6 @@ def run_extract_index(
     with keeping_partial(job):
         outcome = None
         if not job.complete:
-            sizes = plan.group_sizes()
             log.info(
                 "index %d/%d: %d of %d group(s), %s of %s read (plan %s)",
                 index,
@@ -146,8 +148,7 @@ def run_extract_index(
 def _finished(job: StartedExtraction, groups: Sequence[int]) -> list[str]:
     """The parts of ``groups`` whose record holds (written by an earlier try)."""
     partial, plan_id = job.partial, job.plan.plan_id
-    names = [part_name(i) for i in groups]
-    return [n for n in names if record_holds(partial, read_record(partial, n), plan_id)]
+    return [part_name(i) for i in groups if group_done(partial, plan_id, i)]
 
 
 def _group_logger(index: int, count: int) -> ProgressCallback:

@@ -26,6 +26,7 @@ import torch
 from mergejob import settings
 from mergejob.io.headers import DTYPE_SIZES, TensorRef, read_header
 from mergejob.io.reader import FileReader, byte_view
+from mergejob.io.shards import read_record, record_holds
 from mergejob.io.writer import ShardWriter, shard_header
 
 PARTS_DIR = settings.EXTRACT_PARTS_DIR
@@ -37,6 +38,12 @@ _COPY_BYTES = 64 * 1024 * 1024
 def part_name(group: int) -> str:
     """A group's part, relative to the partial folder (its shard record's name too)."""
     return f"{PARTS_DIR}/group-{group:05d}.safetensors"
+
+
+def group_done(partial: Path, plan_id: str, group: int) -> bool:
+    """Whether group ``group``'s part in ``partial`` holds its record for ``plan_id`` (an
+    earlier try finished it)."""
+    return record_holds(partial, read_record(partial, part_name(group)), plan_id)
 
 
 def lora_keys(module: str, *, embedding: bool) -> tuple[str, str]:
